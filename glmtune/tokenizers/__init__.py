@@ -1,0 +1,26 @@
+"""ChatGLM tokenizers (v1, v2, v3), chat prompt templates and a small SentencePiece trainer."""
+
+from glmtune.tokenizers.chatglm import ChatGLMTokenizer
+from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer, ChatGLM3Tokenizer
+from glmtune.tokenizers.prompts import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    ChatPrompt,
+    ChatTemplate,
+    TrainSample,
+    get_template,
+)
+from glmtune.tokenizers.train_spm import train_chatglm2_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TEMPLATES",
+    "ChatGLM2Tokenizer",
+    "ChatGLM3Tokenizer",
+    "ChatGLMTokenizer",
+    "ChatPrompt",
+    "ChatTemplate",
+    "TrainSample",
+    "get_template",
+    "train_chatglm2_tokenizer",
+]

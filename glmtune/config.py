@@ -1,0 +1,378 @@
+"""The task config: one YAML file (or command-line flags) describing what a run does.
+
+Every script parses the same sections, so one YAML drives data building, training and chat. The
+dataclasses below are the schema: jsonargparse turns each field into a `--section.key` flag, shows its
+docstring in `--help`, and refuses unknown keys. Model *shape* lives in the checkpoint's config.json;
+this file only says what to do with it (STYLE.md, point 4).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "config" / "default.yaml"
+
+Family = Literal["auto", "chatglm", "chatglm2", "chatglm3", "hf"]
+Method = Literal["full", "freeze", "ptv2", "lora", "adalora", "ia3"]
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work (missing file, impossible combination)."""
+
+
+@dataclass
+class TinyModelArgs:
+    """Shape of the embedded tiny ChatGLM2 built when `model.path` holds no checkpoint yet.
+
+    Args:
+        num_layers: transformer blocks.
+        hidden_size: model width (<= 256 keeps the CPU demo fast).
+        num_attention_heads: query heads.
+        multi_query_group_num: key/value heads (multi-query attention groups).
+        kv_channels: width of one head.
+        ffn_hidden_size: SwiGLU inner width.
+        vocab_size: SentencePiece pieces to train on `texts` (byte fallback covers the rest).
+        texts: data files whose questions and answers train the tokenizer.
+        seed: seed of the deterministic weight initialisation.
+    """
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    multi_query_group_num: int = 2
+    kv_channels: int = 32
+    ffn_hidden_size: int = 352
+    vocab_size: int = 1000
+    texts: list[str] = field(default_factory=lambda: ["data/train.json"])
+    seed: int = 0
+
+
+@dataclass
+class ModelArgs:
+    """The model to tune.
+
+    Args:
+        path: checkpoint folder (published ChatGLM layout, or any transformers causal LM folder).
+        family: "auto" detects ChatGLM-6B / ChatGLM2 / ChatGLM3 / other from the folder.
+        dtype: weights' dtype once loaded ("auto" keeps the checkpoint's).
+        quantization_bit: 0, or 8 / 4 for ChatGLM int8 / int4 weights (published format).
+        tiny: when set and `path` has no config.json yet, build a tiny ChatGLM2 there first.
+    """
+
+    path: str = "output/tiny-chatglm2"
+    family: Family = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
+    quantization_bit: Literal[0, 4, 8] = 0
+    tiny: TinyModelArgs | None = None
+
+
+@dataclass
+class DataArgs:
+    """Training data and how it becomes records.
+
+    Args:
+        train_files: JSON / JSON-lines files to train on.
+        eval_files: files to evaluate on (may be empty).
+        format: "auto" (detected per file), paragraph, prompt_completion, alpaca, conversations, input_target.
+        template: prompt template; "auto" picks the model family's (chatglm, chatglm2, chatglm3, llama2, chatml, alpaca).
+        max_seq_length: longest sample in tokens (prompt + answer).
+        max_target_length: longest answer in tokens (None = no separate limit).
+        strategy: what to do with longer samples: truncate, slide (windows of `stride`) or drop.
+        stride: step of the sliding window (None = half of max_seq_length).
+        ensure_answer_min_length: truncation keeps at least this many answer tokens (None = half the window).
+        multi_turn: per_turn (one sample per turn, earlier turns as history) or dialogue (one sample, all answers supervised).
+        packing: pack several samples per sequence (attention never crosses samples).
+        backend: record (indexed binary file, memory mapped) or lmdb (for data larger than memory).
+        num_workers: tokenizer processes.
+        shuffle: shuffle the training records.
+        seed: shuffle seed.
+        on_error: raise (stop at the first bad line) or skip (count and save bad lines to rejects.jsonl).
+        output_dir: where records are written.
+    """
+
+    train_files: list[str] = field(default_factory=lambda: ["data/train.json"])
+    eval_files: list[str] = field(default_factory=list)
+    format: str = "auto"
+    template: str = "auto"
+    max_seq_length: int = 256
+    max_target_length: int | None = None
+    strategy: Literal["truncate", "slide", "drop"] = "truncate"
+    stride: int | None = None
+    ensure_answer_min_length: int | None = None
+    multi_turn: Literal["per_turn", "dialogue"] = "per_turn"
+    packing: bool = False
+    backend: Literal["record", "lmdb"] = "record"
+    num_workers: int = 1
+    shuffle: bool = True
+    seed: int = 42
+    on_error: Literal["raise", "skip"] = "raise"
+    output_dir: str = "output/records"
+
+
+@dataclass
+class LoraArgs:
+    """LoRA / DoRA / rsLoRA (PEFT) settings; also the starting point of AdaLoRA.
+
+    Args:
+        r: rank.
+        alpha: scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).
+        dropout: dropout on the LoRA input.
+        target_modules: layer names to adapt; None = the family's default (ChatGLM: all four block linears).
+        modules_to_save: extra modules trained in full and saved with the adapter.
+        use_dora: weight-decomposed LoRA.
+        use_rslora: rank-stabilised scaling.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+@dataclass
+class AdaLoraArgs:
+    """AdaLoRA rank-budget schedule (fractions of the real number of optimizer steps).
+
+    Args:
+        init_r: starting rank of every matrix.
+        target_r: average rank at the end.
+        tinit_ratio: warm-up share of steps before pruning starts.
+        tfinal_ratio: share of steps at the end with a fixed budget.
+        delta_t: steps between budget allocations.
+    """
+
+    init_r: int = 12
+    target_r: int = 4
+    tinit_ratio: float = 0.1
+    tfinal_ratio: float = 0.2
+    delta_t: int = 1
+
+
+@dataclass
+class PtuningArgs:
+    """P-Tuning v2 prefix settings.
+
+    Args:
+        pre_seq_len: prefix length (virtual tokens per layer).
+        prefix_projection: encode the prefix through a two-layer MLP.
+    """
+
+    pre_seq_len: int = 16
+    prefix_projection: bool = False
+
+
+@dataclass
+class FreezeArgs:
+    """`freeze` method: which blocks stay frozen.
+
+    Args:
+        num_frozen_layers: freeze embeddings and the first N blocks (train the rest).
+        num_trainable_layers: if set, train only the last N blocks instead.
+    """
+
+    num_frozen_layers: int = 0
+    num_trainable_layers: int | None = None
+
+
+@dataclass
+class TrainArgs:
+    """The Lightning trainer and optimizer.
+
+    Args:
+        output_dir: where checkpoints, logs and the final artifact go.
+        max_epochs: passes over the training records.
+        max_steps: stop after this many optimizer steps (-1 = use max_epochs).
+        batch_size: samples per device per step.
+        eval_batch_size: samples per batch in evaluation.
+        learning_rate: peak learning rate.
+        weight_decay: AdamW/Lion weight decay.
+        optimizer: adamw, lion or adamw8bit (bitsandbytes, CUDA).
+        scheduler: constant, linear, cosine or cosine_restarts (all with warmup).
+        warmup_steps: linear warmup steps.
+        accumulate_grad_batches: gradient accumulation.
+        gradient_clip_val: clip the gradient norm (0 = off).
+        precision: Lightning precision: 32, 16-mixed, bf16-mixed, bf16-true.
+        accelerator: auto, cpu, gpu.
+        devices: devices per node ("auto", a count, or a list).
+        strategy: auto, ddp, fsdp, deepspeed_stage_2, deepspeed_stage_3, or a DeepSpeed JSON file.
+        num_nodes: machines (MASTER_ADDR / MASTER_PORT / NODE_RANK from the environment).
+        gradient_checkpointing: recompute activations in the backward pass.
+        seed: global seed.
+        log_every_n_steps: logging interval.
+        save_every_n_steps: also keep a checkpoint every N steps (0 = off).
+        max_bad_steps: stop after this many non-finite losses in a row (each is skipped).
+        resume: checkpoint to resume from ("last" = output_dir/checkpoints/last.ckpt).
+        dataloader_workers: DataLoader worker processes.
+    """
+
+    output_dir: str = "output/run"
+    max_epochs: int = 3
+    max_steps: int = -1
+    batch_size: int = 8
+    eval_batch_size: int = 8
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    optimizer: Literal["adamw", "lion", "adamw8bit"] = "adamw"
+    scheduler: Literal["constant", "linear", "cosine", "cosine_restarts"] = "linear"
+    warmup_steps: int = 0
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    precision: str = "32"
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    log_every_n_steps: int = 5
+    save_every_n_steps: int = 0
+    max_bad_steps: int = 10
+    resume: str | None = None
+    dataloader_workers: int = 0
+
+
+@dataclass
+class GenerationArgs:
+    """Decoding settings for chat and prediction.
+
+    Args:
+        max_new_tokens: longest answer.
+        do_sample: sample instead of greedy / beam search.
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass.
+        top_k: sample among the k most likely tokens.
+        repetition_penalty: >1 discourages repeats.
+        num_beams: beam search width (1 = off).
+        stop: strings that end the answer (not included in it).
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TaskConfig:
+    """Everything one run needs."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    method: Method = "lora"
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    adalora: AdaLoraArgs = field(default_factory=AdaLoraArgs)
+    ptv2: PtuningArgs = field(default_factory=PtuningArgs)
+    freeze: FreezeArgs = field(default_factory=FreezeArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    generation: GenerationArgs = field(default_factory=GenerationArgs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelArgs,
+    "data": DataArgs,
+    "lora": LoraArgs,
+    "adalora": AdaLoraArgs,
+    "ptv2": PtuningArgs,
+    "freeze": FreezeArgs,
+    "train": TrainArgs,
+    "generation": GenerationArgs,
+}
+
+
+def build_parser(description: str, sections: list[str] | None = None) -> ArgumentParser:
+    """A parser holding `--config`, `--print_config` and every key of the task config.
+
+    Without `--config`, config/default.yaml (the embedded tiny model) is read first, so each script runs
+    on its own. Scripts add their own flags (e.g. `--merge`) to the returned parser.
+    """
+    default_files = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []
+    parser = ArgumentParser(description=description, default_config_files=default_files, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="Task YAML file (default: config/default.yaml).")
+    parser.add_argument("--method", type=Method, default="lora", help="Tuning method.")
+    for name in sections or list(SECTIONS):
+        parser.add_class_arguments(SECTIONS[name], name, fail_untyped=False, sub_configs=True)
+    return parser
+
+
+def _valid_keys(parser: ArgumentParser) -> list[str]:
+    return [a.dest for a in parser._actions if a.dest not in ("help", "config", "print_config")]
+
+
+def _suggest(parser: ArgumentParser, message: str) -> str:
+    """Append 'did you mean ...' for the first unknown key named in a jsonargparse error."""
+    import re
+
+    found = re.search(r"unrecognized arguments: --?([\w.]+)", message) or re.search(
+        r"[Gg]roup '([\w.]+)' does not accept (?:option|nested key) '([\w.]+)'", message
+    )
+    if not found:
+        found = re.search(r"[Kk]ey '([\w.]+)' is not expected", message)
+    if not found:
+        return message
+    key = ".".join(g for g in found.groups() if g)
+    close = difflib.get_close_matches(key, _valid_keys(parser), n=1, cutoff=0.6)
+    hint = f" (unknown key '{key}'; did you mean '{close[0]}'?)" if close else f" (unknown key '{key}')"
+    return message.strip() + hint
+
+
+def parse_args(parser: ArgumentParser, argv: list[str] | None = None) -> tuple[TaskConfig, Namespace]:
+    """Parse flags and config files into a TaskConfig, exiting with a clear message on bad keys."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        ns = parser.parse_args(argv)
+    except Exception as err:  # jsonargparse raises ArgumentError subclasses with a message
+        print(f"error: {_suggest(parser, str(err))}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return namespace_to_task(ns), ns
+
+
+def namespace_to_task(ns: Namespace) -> TaskConfig:
+    kwargs: dict[str, Any] = {"method": ns.get("method", "lora")}
+    for name, cls in SECTIONS.items():
+        section = ns.get(name)
+        if section is None:
+            continue
+        values = section.as_dict() if isinstance(section, Namespace) else dict(section)
+        if cls is ModelArgs and values.get("tiny") is not None:
+            tiny = values["tiny"]
+            values["tiny"] = TinyModelArgs(**(tiny.as_dict() if isinstance(tiny, Namespace) else tiny))
+        kwargs[name] = cls(**values)
+    return TaskConfig(**kwargs)
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Config paths are relative to the current directory when they exist there, else to the repository."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    in_repo = REPO_ROOT / p
+    return in_repo if in_repo.exists() else p
+
+
+def check_data_files(files: list[str], key: str) -> list[Path]:
+    """Resolve data files, failing with the offending path and config key."""
+    paths = []
+    for f in files:
+        p = resolve_path(f)
+        if not p.is_file():
+            raise ConfigError(f"{key}: data file not found: {f}")
+        paths.append(p)
+    return paths

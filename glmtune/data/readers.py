@@ -1,0 +1,367 @@
+"""Read fine-tuning data files into `Dialogue`s, one reader per input format.
+
+A file is either JSON lines (one record per line, streamed: a huge .jsonl is never held whole) or one JSON
+array of records (parsed whole, with the line where each element starts kept for error messages). UTF-8,
+with or without a byte-order mark. Which of the two is decided by the first non-blank character (`[`).
+
+Formats (`format=` name, or "auto": decided per file from the first record's keys):
+
+- `paragraph`: `{"id", "paragraph": [{"q", "a"}, ...]}`; `a` is a string or a list of lines joined by "\\n";
+  several entries are the turns of one dialogue.
+- `prompt_completion`: `{"prompt", "completion"}`.
+- `alpaca`: `{"instruction", "input", "output", "history": [[q, a], ...], "system"}`; the query is
+  instruction + "\\n" + input when input is not empty; `input`, `history` and `system` are optional.
+- `conversations`: `{"conversations": [{"from": "human"|"gpt"|"system", "value"}]}` (ShareGPT) or
+  `{"messages": [{"role": "user"|"assistant"|"system", "content"}]}` (OpenAI); an optional system turn
+  first, then strictly alternating user/assistant turns, ending with an assistant turn.
+- `input_target`: `{"input", "target"}` (PromptCBLUE); other fields are ignored.
+
+Bad input raises `DataError` with `FILE:LINE` and the field in its message; with `errors="yield"` the
+error is yielded in place of the record instead, so a caller can skip it and keep reading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+FormatName = Literal["paragraph", "prompt_completion", "alpaca", "conversations", "input_target"]
+FORMATS: tuple[str, ...] = ("paragraph", "prompt_completion", "alpaca", "conversations", "input_target")
+
+_BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as decoded by "surrogateescape"
+
+
+class DataError(ValueError):
+    """A bad record: `source` is "FILE:LINE", `field` the offending field (or None), `raw` the record text."""
+
+    def __init__(self, source: str, message: str, field: str | None = None, raw: str | None = None):
+        self.source = source
+        self.field = field
+        self.raw = raw
+        self.reason = message
+        where = f"{source}: field {field!r}: " if field else f"{source}: "
+        super().__init__(where + message)
+
+    def __reduce__(self):  # picklable across worker processes despite the custom signature
+        return (DataError, (self.source, self.reason, self.field, self.raw))
+
+
+@dataclass
+class Dialogue:
+    """One training example: (query, answer) turns in order, an optional system prompt, and where it came from."""
+
+    turns: list[tuple[str, str]]
+    system: str | None = None
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field checks shared by the format parsers. `src` is "FILE:LINE" for messages.
+
+
+def _get(obj: dict, key: str, src: str, *, kind: type | tuple[type, ...] = str, required: bool = True) -> Any:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise DataError(src, "missing", key)
+        return None
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataError(src, f"expected {want}, got {type(value).__name__}", key)
+    return value
+
+
+def _answer(value: Any, src: str, name: str) -> str:
+    """A non-empty answer: a string, or a list of strings joined by newlines."""
+    if isinstance(value, list):
+        if not all(isinstance(line, str) for line in value):
+            raise DataError(src, "expected a string or a list of strings", name)
+        value = "\n".join(value)
+    elif not isinstance(value, str):
+        raise DataError(src, f"expected a string or a list of strings, got {type(value).__name__}", name)
+    if not value.strip():
+        raise DataError(src, "empty answer", name)
+    return value
+
+
+def _text(value: Any, src: str, name: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(src, f"expected str, got {type(value).__name__}", name)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One parser per format: a decoded JSON object -> Dialogue.
+
+
+def parse_paragraph(obj: dict, src: str) -> Dialogue:
+    paragraph = _get(obj, "paragraph", src, kind=list)
+    if not paragraph:
+        raise DataError(src, "empty list", "paragraph")
+    turns = []
+    for i, turn in enumerate(paragraph):
+        if not isinstance(turn, dict):
+            raise DataError(src, f"expected an object, got {type(turn).__name__}", f"paragraph[{i}]")
+        if "q" not in turn:
+            raise DataError(src, "missing", f"paragraph[{i}].q")
+        if "a" not in turn:
+            raise DataError(src, "missing", f"paragraph[{i}].a")
+        turns.append(
+            (_text(turn["q"], src, f"paragraph[{i}].q"), _answer(turn["a"], src, f"paragraph[{i}].a"))
+        )
+    meta = {"id": obj["id"]} if "id" in obj else {}
+    return Dialogue(turns=turns, source=src, meta=meta)
+
+
+def parse_prompt_completion(obj: dict, src: str) -> Dialogue:
+    prompt = _get(obj, "prompt", src)
+    completion = _answer(_get(obj, "completion", src, kind=(str, list)), src, "completion")
+    return Dialogue(turns=[(prompt, completion)], source=src)
+
+
+def parse_alpaca(obj: dict, src: str) -> Dialogue:
+    instruction = _get(obj, "instruction", src)
+    extra = _get(obj, "input", src, required=False) or ""
+    output = _answer(_get(obj, "output", src, kind=(str, list)), src, "output")
+    history = _get(obj, "history", src, kind=list, required=False) or []
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            raise DataError(src, "expected a [query, answer] pair", f"history[{i}]")
+        turns.append((_text(pair[0], src, f"history[{i}][0]"), _answer(pair[1], src, f"history[{i}][1]")))
+    query = f"{instruction}\n{extra}" if extra else instruction
+    turns.append((query, output))
+    return Dialogue(turns=turns, system=_get(obj, "system", src, required=False) or None, source=src)
+
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def parse_conversations(obj: dict, src: str) -> Dialogue:
+    if "conversations" in obj:
+        name, role_key, text_key = "conversations", "from", "value"
+    else:
+        name, role_key, text_key = "messages", "role", "content"
+    messages = _get(obj, name, src, kind=list)
+    if not messages:
+        raise DataError(src, "empty list", name)
+    system = _get(obj, "system", src, required=False) or None
+    turns: list[tuple[str, str]] = []
+    query: str | None = None
+    for i, message in enumerate(messages):
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(src, f"expected an object, got {type(message).__name__}", where)
+        if role_key not in message:
+            raise DataError(src, "missing", f"{where}.{role_key}")
+        if text_key not in message:
+            raise DataError(src, "missing", f"{where}.{text_key}")
+        role = _ROLES.get(message[role_key]) if isinstance(message[role_key], str) else None
+        if role is None:
+            raise DataError(src, f"unknown role {message[role_key]!r}", f"{where}.{role_key}")
+        if role == "system":
+            if i != 0:
+                raise DataError(src, "a system message may only come first", f"{where}.{role_key}")
+            system = _text(message[text_key], src, f"{where}.{text_key}") or None
+        elif role == "user":
+            if query is not None:
+                raise DataError(src, "two user messages in a row", f"{where}.{role_key}")
+            query = _text(message[text_key], src, f"{where}.{text_key}")
+        else:
+            if query is None:
+                raise DataError(
+                    src, "an assistant message without a user message before it", f"{where}.{role_key}"
+                )
+            turns.append((query, _answer(message[text_key], src, f"{where}.{text_key}")))
+            query = None
+    if query is not None or not turns:
+        raise DataError(src, "the last message must be an assistant answer", name)
+    return Dialogue(turns=turns, system=system, source=src)
+
+
+def parse_input_target(obj: dict, src: str) -> Dialogue:
+    query = _get(obj, "input", src)
+    target = _answer(_get(obj, "target", src, kind=(str, list)), src, "target")
+    return Dialogue(turns=[(query, target)], source=src)
+
+
+PARSERS: dict[str, Callable[[dict, str], Dialogue]] = {
+    "paragraph": parse_paragraph,
+    "prompt_completion": parse_prompt_completion,
+    "alpaca": parse_alpaca,
+    "conversations": parse_conversations,
+    "input_target": parse_input_target,
+}
+
+
+def detect_format(obj: Any) -> str | None:
+    """The format a record's keys say it is in, or None. `alpaca` is tested before `input_target`
+    because both have an `input` key."""
+    if not isinstance(obj, dict):
+        return None
+    if "paragraph" in obj:
+        return "paragraph"
+    if "conversations" in obj or "messages" in obj:
+        return "conversations"
+    if "instruction" in obj and "output" in obj:
+        return "alpaca"
+    if "prompt" in obj and "completion" in obj:
+        return "prompt_completion"
+    if "input" in obj and "target" in obj:
+        return "input_target"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Raw records: (line, decoded object, record text) or a DataError, from JSON lines or a JSON array.
+
+
+def _is_json_array(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        while head:
+            stripped = head.removeprefix(_BOM).lstrip()
+            if stripped:
+                return stripped[:1] == b"["
+            head = f.read(4096)
+    return False
+
+
+def _iter_json_lines(path: Path, name: str) -> Iterator[tuple[int, Any, str] | DataError]:
+    with open(path, "rb") as f:  # binary iteration: one line in memory at a time
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(_BOM)
+            src = f"{name}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield DataError(
+                    src,
+                    f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                    raw=raw.decode("utf-8", "replace").rstrip("\r\n"),
+                )
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text), text.rstrip("\r\n")
+            except json.JSONDecodeError as e:
+                hint = ""
+                if e.pos >= len(text.rstrip()):  # the record goes on past the line: pretty-printed JSON?
+                    hint = " (JSON lines need one whole record per line; pretty-printed records go in a JSON array)"
+                yield DataError(
+                    src, f"invalid JSON: {e.msg} at column {e.colno}{hint}", raw=text.rstrip("\r\n")
+                )
+
+
+def _iter_json_array(path: Path, name: str) -> Iterator[tuple[int, Any, str] | DataError]:
+    # Non-UTF-8 bytes become lone surrogates, so one bad element is reported (and skippable) on its own line.
+    data = path.read_bytes().removeprefix(_BOM)
+    text = data.decode("utf-8", "surrogateescape")
+    del data
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    pos = ws.match(text, 0).end() + 1  # past "["
+    line, counted = 1, 0  # line number of position `counted`, updated incrementally
+
+    def line_at(p: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, p)
+        counted = p
+        return line
+
+    index = 0
+    pos = ws.match(text, pos).end()
+    if text.startswith("]", pos):
+        return
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            # The array's structure is broken: nothing after this point can be trusted.
+            yield DataError(
+                f"{name}:{e.lineno}", f"invalid JSON in element {index}: {e.msg} at column {e.colno}"
+            )
+            return
+        element = text[pos:end]
+        bad = _SURROGATE.search(element)
+        if bad:
+            yield DataError(
+                f"{name}:{line_at(pos + bad.start())}",
+                f"not UTF-8 (element {index})",
+                raw=element.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+            )
+        else:
+            yield line_at(pos), obj, element
+        index += 1
+        pos = ws.match(text, end).end()
+        if text.startswith("]", pos):
+            return
+        if not text.startswith(",", pos):
+            yield DataError(
+                f"{name}:{line_at(pos)}", f"invalid JSON: expected ',' or ']' after element {index - 1}"
+            )
+            return
+        pos = ws.match(text, pos + 1).end()
+
+
+def iter_json_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str] | DataError]:
+    """(line, object, record text) for every record of a JSON lines or JSON array file, or a DataError for a
+    record that is not valid UTF-8 JSON."""
+    path = Path(path)
+    name = str(path)
+    reader = _iter_json_array if _is_json_array(path) else _iter_json_lines
+    return reader(path, name)
+
+
+def iter_dialogues(
+    path: str | os.PathLike,
+    format: str = "auto",
+    errors: Literal["raise", "yield"] = "raise",
+) -> Iterator[Dialogue | DataError]:
+    """Stream the `Dialogue`s of one file. With `errors="yield"`, a bad record yields its `DataError` (with
+    `.source`, `.field`, `.raw`) and reading goes on; with "raise" the first bad record raises it.
+    `format="auto"` decides the format from the first record that decodes, for the whole file."""
+    if format != "auto" and format not in PARSERS:
+        raise ValueError(f"unknown data format {format!r}; choose one of {', '.join(FORMATS)} or 'auto'")
+    parser = PARSERS.get(format)
+    for item in iter_json_records(path):
+        if isinstance(item, DataError):
+            error = item
+        else:
+            lineno, obj, raw = item
+            src = f"{path}:{lineno}"
+            try:
+                if not isinstance(obj, dict):
+                    raise DataError(src, f"expected a JSON object, got {type(obj).__name__}", raw=raw)
+                if parser is None:
+                    detected = detect_format(obj)
+                    if detected is None:
+                        raise DataError(
+                            src,
+                            f"cannot tell the data format from the keys {sorted(obj)}; set format= to one of "
+                            + ", ".join(FORMATS),
+                            raw=raw,
+                        )
+                    parser = PARSERS[detected]
+                yield parser(obj, src)
+                continue
+            except DataError as e:
+                e.raw = raw
+                error = e
+        if errors == "raise":
+            raise error
+        yield error
+
+
+def read_dialogues(path: str | os.PathLike, format: str = "auto") -> list[Dialogue]:
+    """All dialogues of a (small) file; raises DataError on the first bad record."""
+    return [d for d in iter_dialogues(path, format) if isinstance(d, Dialogue)]

@@ -1,0 +1,86 @@
+"""The embedded default model: a tiny ChatGLM2 checkpoint folder built from the project's own data.
+
+It is a real checkpoint in the published layout (config.json, model.safetensors, tokenizer.model), so
+every code path that serves published checkpoints serves it too. Building it twice gives identical files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from glmtune.config import TinyModelArgs, resolve_path
+
+SPECIAL_TOKENS = 9  # [MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|> <|observation|>
+
+
+def _texts(files: list[str]) -> Iterator[str]:
+    from glmtune.data.readers import read_dialogues
+
+    for file in files:
+        for dialogue in read_dialogues(resolve_path(file)):
+            if dialogue.system:
+                yield dialogue.system
+            for query, answer in dialogue.turns:
+                yield query
+                yield answer
+
+
+def build_tiny_chatglm2(folder: str | Path, args: TinyModelArgs) -> Path:
+    """Train the tokenizer on `args.texts`, initialise weights from `args.seed`, save; atomic."""
+    from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
+    from glmtune.models.loading import save_model
+    from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer
+    from glmtune.tokenizers.train_spm import train_chatglm2_tokenizer
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        train_chatglm2_tokenizer(list(_texts(args.texts)), tmp, vocab_size=args.vocab_size)
+        tokenizer = ChatGLM2Tokenizer.from_pretrained(str(tmp))
+        vocab = len(tokenizer)
+        config = ChatGLM2Config(
+            num_layers=args.num_layers,
+            hidden_size=args.hidden_size,
+            num_attention_heads=args.num_attention_heads,
+            multi_query_attention=True,
+            multi_query_group_num=args.multi_query_group_num,
+            kv_channels=args.kv_channels,
+            ffn_hidden_size=args.ffn_hidden_size,
+            padded_vocab_size=(vocab + 63) // 64 * 64,
+            seq_length=2048,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            torch_dtype="float32",
+        )
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(args.seed)
+        try:
+            model = ChatGLM2ForConditionalGeneration(config)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        model.glmtune_family = "chatglm2"
+        save_model(model, tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def ensure_model(path: str | Path, tiny: TinyModelArgs | None) -> Path:
+    """The checkpoint folder for `model.path`, building the tiny default there if asked and absent."""
+    p = resolve_path(path)
+    if (p / "config.json").is_file():
+        return p
+    if tiny is None:
+        raise FileNotFoundError(f"model.path: no checkpoint (config.json) in {path}")
+    print(f"building the tiny default model in {p} ...")
+    return build_tiny_chatglm2(p, tiny)

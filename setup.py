@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="glmtune",
+    version="0.1.0",
+    description="Fine-tune ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B and other causal LMs with PyTorch Lightning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["glmtune", "glmtune.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "peft>=0.17",
+        "lightning>=2.4",
+        "jsonargparse[signatures]>=4.35",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "protobuf",
+        "pyyaml",
+        "numpy",
+        "tqdm",
+        "lmdb>=1.4",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.15"],
+        "quant": ["bitsandbytes>=0.43", "cpm_kernels"],
+        "lion": ["lion-pytorch"],
+        "serve": ["fastapi", "uvicorn", "sse-starlette", "gradio"],
+        "eval": ["torchmetrics", "sacrebleu", "rouge-chinese", "jieba"],
+        "logging": ["tensorboard"],
+        "dev": ["pytest", "ruff", "lion-pytorch", "tensorboard", "openai", "httpx"],
+    },
+)
