@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_fakes import IGNORE, CharTemplate, TurnOnlyTemplate, decode, make_char_template
+from tests.data.test_data_fakes import IGNORE, CharTemplate, TurnOnlyTemplate, decode, make_char_template
 
 from glmtune.data.build import build_records, build_records_cli
 from glmtune.data.readers import DataError
@@ -239,7 +239,7 @@ def test_argument_problems_reported_together(tmp_path):
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {here!r})
-from test_data_fakes import CharTemplate
+from tests.data.test_data_fakes import CharTemplate
 from glmtune.data.build import build_records
 build_records({data!r}, out_dir={out!r}, template=CharTemplate(), tokenizer_fingerprint="char",
               max_seq_length=64, progress=False, chunk_size=16)

@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 import torch
-from test_data_fakes import IGNORE, CharTemplate
+from tests.data.test_data_fakes import IGNORE, CharTemplate
 from torch.utils.data import DataLoader, DistributedSampler
 
 from glmtune.data.build import build_records

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_data_fakes import EOS, IGNORE, CharTemplate, SystemCharTemplate, TurnOnlyTemplate, decode, encode
+from tests.data.test_data_fakes import EOS, IGNORE, CharTemplate, SystemCharTemplate, TurnOnlyTemplate, decode, encode
 
 from glmtune.data.build import (
     LengthSettings,
