@@ -13,9 +13,10 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+if TYPE_CHECKING:  # jsonargparse is imported where parsing happens, so the dataclasses import anywhere
+    from jsonargparse import ArgumentParser, Namespace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "default.yaml"
@@ -64,6 +65,8 @@ class ModelArgs:
         family: "auto" detects ChatGLM-6B / ChatGLM2 / ChatGLM3 / other from the folder.
         dtype: weights' dtype once loaded ("auto" keeps the checkpoint's).
         quantization_bit: 0, or 8 / 4 for ChatGLM int8 / int4 weights (published format).
+        quantization: bitsandbytes quantization of the block linears at load, CUDA only: none, bnb8
+            (LLM.int8) or nf4 (4-bit NormalFloat, QLoRA); the LoRA adapters stay in float.
         tiny: when set and `path` has no config.json yet, build a tiny ChatGLM2 there first.
     """
 
@@ -71,6 +74,7 @@ class ModelArgs:
     family: Family = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     quantization_bit: Literal[0, 4, 8] = 0
+    quantization: Literal["none", "bnb8", "nf4"] = "none"
     tiny: TinyModelArgs | None = None
 
 
@@ -78,22 +82,35 @@ class ModelArgs:
 class DataArgs:
     """Training data and how it becomes records.
 
+    Templates: "auto" picks the model family's chat format: chatglm (ChatGLM-6B), chatglm2, or chatglm3 for
+    ChatGLM3 (role tokens `<|user|>` / `<|assistant|>`, exactly what its chat() builds, so the model is
+    trained on the prompts it will be chatted with). "chatglm3_plain" instead reproduces the plain samples of
+    the reference fine-tuning data (`[gMASK] sop` + query + response + eos, no role tokens); a model tuned
+    with it must be prompted with it too. llama2, chatml and alpaca are for other models.
+
     Args:
         train_files: JSON / JSON-lines files to train on.
         eval_files: files to evaluate on (may be empty).
         format: "auto" (detected per file), paragraph, prompt_completion, alpaca, conversations, input_target.
-        template: prompt template; "auto" picks the model family's (chatglm, chatglm2, chatglm3, llama2, chatml, alpaca).
+        template: prompt template: auto, chatglm, chatglm2, chatglm3, chatglm3_plain, llama2, chatml, alpaca.
         max_seq_length: longest sample in tokens (prompt + answer).
         max_target_length: longest answer in tokens (None = no separate limit).
         strategy: what to do with longer samples: truncate, slide (windows of `stride`) or drop.
         stride: step of the sliding window (None = half of max_seq_length).
         ensure_answer_min_length: truncation keeps at least this many answer tokens (None = half the window).
-        multi_turn: per_turn (one sample per turn, earlier turns as history) or dialogue (one sample, all answers supervised).
+        truncate_side: which end of a too long prompt truncation cuts: prompt_head (the oldest context, the
+            default) or prompt_tail (the text next to the answer); `[gMASK] sop` / bos are always kept.
+        multi_turn: per_turn (one sample per turn, earlier turns as context) or dialogue (one sample per
+            dialogue: the last turn's chat prompt plus its answer, every answer supervised). ChatGLM-6B
+            (template chatglm) only has per_turn: its prompt is read bidirectionally, so answers inside it
+            cannot be targets.
         packing: pack several samples per sequence (attention never crosses samples).
         backend: record (indexed binary file, memory mapped) or lmdb (for data larger than memory).
         num_workers: tokenizer processes.
         shuffle: shuffle the training records.
-        seed: shuffle seed.
+        seed: seed of the shuffle and of the eval_ratio split.
+        eval_ratio: share of the training dialogues set aside as eval records (0 = none); needs eval_files
+            empty.
         on_error: raise (stop at the first bad line) or skip (count and save bad lines to rejects.jsonl).
         output_dir: where records are written.
     """
@@ -107,28 +124,40 @@ class DataArgs:
     strategy: Literal["truncate", "slide", "drop"] = "truncate"
     stride: int | None = None
     ensure_answer_min_length: int | None = None
+    truncate_side: Literal["prompt_head", "prompt_tail"] = "prompt_head"
     multi_turn: Literal["per_turn", "dialogue"] = "per_turn"
     packing: bool = False
     backend: Literal["record", "lmdb"] = "record"
     num_workers: int = 1
     shuffle: bool = True
     seed: int = 42
+    eval_ratio: float = 0.0
     on_error: Literal["raise", "skip"] = "raise"
     output_dir: str = "output/records"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_ratio < 1.0:
+            raise ConfigError(f"data.eval_ratio must be in [0, 1), got {self.eval_ratio}")
+        if self.eval_ratio and self.eval_files:
+            raise ConfigError(
+                "data.eval_ratio and data.eval_files both given: set data.eval_files to [] to split the "
+                "training data, or data.eval_ratio to 0"
+            )
 
 
 @dataclass
 class LoraArgs:
-    """LoRA / DoRA / rsLoRA (PEFT) settings; also the starting point of AdaLoRA.
+    """LoRA / DoRA / rsLoRA (PEFT) settings; also the starting point of AdaLoRA and IA3's targets.
 
     Args:
         r: rank.
         alpha: scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).
         dropout: dropout on the LoRA input.
-        target_modules: layer names to adapt; None = the family's default (ChatGLM: all four block linears).
-        modules_to_save: extra modules trained in full and saved with the adapter.
-        use_dora: weight-decomposed LoRA.
-        use_rslora: rank-stabilised scaling.
+        target_modules: layer names to adapt; None = the family's default (ChatGLM: query_key_value, dense,
+            dense_h_to_4h, dense_4h_to_h; other models: every linear layer but the output head).
+        modules_to_save: extra modules trained in full and saved with the adapter (e.g. output_layer).
+        use_dora: weight-decomposed LoRA (DoRA); needs float base weights.
+        use_rslora: rank-stabilised scaling alpha / sqrt(r).
     """
 
     r: int = 8
@@ -139,17 +168,26 @@ class LoraArgs:
     use_dora: bool = False
     use_rslora: bool = False
 
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class AdaLoraArgs:
-    """AdaLoRA rank-budget schedule (fractions of the real number of optimizer steps).
+    """AdaLoRA rank-budget schedule (fractions of the real number of optimizer steps of the run).
 
     Args:
         init_r: starting rank of every matrix.
         target_r: average rank at the end.
         tinit_ratio: warm-up share of steps before pruning starts.
         tfinal_ratio: share of steps at the end with a fixed budget.
-        delta_t: steps between budget allocations.
+        delta_t: optimizer steps between budget allocations.
+        beta1: EMA factor of the importance scores.
+        beta2: EMA factor of their uncertainty.
+        orth_reg_weight: weight of the orthogonality regulariser added to the loss.
     """
 
     init_r: int = 12
@@ -157,11 +195,25 @@ class AdaLoraArgs:
     tinit_ratio: float = 0.1
     tfinal_ratio: float = 0.2
     delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_r <= self.init_r:
+            raise ConfigError(f"adalora: need 0 < target_r <= init_r, got {self.target_r} and {self.init_r}")
+        if self.tinit_ratio < 0 or self.tfinal_ratio < 0 or self.tinit_ratio + self.tfinal_ratio >= 1:
+            raise ConfigError(
+                "adalora.tinit_ratio and adalora.tfinal_ratio must be >= 0 and sum to less than 1, got "
+                f"{self.tinit_ratio} and {self.tfinal_ratio}"
+            )
+        if self.delta_t < 1:
+            raise ConfigError(f"adalora.delta_t must be >= 1, got {self.delta_t}")
 
 
 @dataclass
 class PtuningArgs:
-    """P-Tuning v2 prefix settings.
+    """P-Tuning v2 prefix settings (the prefix encoder is trained in fp32 whatever the model's dtype).
 
     Args:
         pre_seq_len: prefix length (virtual tokens per layer).
@@ -171,18 +223,33 @@ class PtuningArgs:
     pre_seq_len: int = 16
     prefix_projection: bool = False
 
+    def __post_init__(self) -> None:
+        if self.pre_seq_len < 1:
+            raise ConfigError(f"ptv2.pre_seq_len must be >= 1, got {self.pre_seq_len}")
+
 
 @dataclass
 class FreezeArgs:
-    """`freeze` method: which blocks stay frozen.
+    """`freeze` method: which blocks stay frozen (embeddings always do; the final norm and head train).
 
     Args:
-        num_frozen_layers: freeze embeddings and the first N blocks (train the rest).
-        num_trainable_layers: if set, train only the last N blocks instead.
+        num_frozen_layers: freeze the embeddings and the first N blocks, train the rest.
+        num_trainable_layers: if set, train only the last N blocks instead (overrides num_frozen_layers).
+        train_head: also train the final norm and the output layer.
     """
 
     num_frozen_layers: int = 0
     num_trainable_layers: int | None = None
+    train_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_frozen_layers < 0:
+            raise ConfigError(f"freeze.num_frozen_layers must be >= 0, got {self.num_frozen_layers}")
+        if self.num_trainable_layers is not None and self.num_trainable_layers < 1:
+            raise ConfigError(f"freeze.num_trainable_layers must be >= 1, got {self.num_trainable_layers}")
+
+
+PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 
 
 @dataclass
@@ -190,28 +257,33 @@ class TrainArgs:
     """The Lightning trainer and optimizer.
 
     Args:
-        output_dir: where checkpoints, logs and the final artifact go.
+        output_dir: where checkpoints (checkpoints/), logs (logs/, tensorboard/) and the final artifact (final/,
+            and best/ when there is eval data) go.
         max_epochs: passes over the training records.
         max_steps: stop after this many optimizer steps (-1 = use max_epochs).
-        batch_size: samples per device per step.
+        batch_size: samples per device per micro-batch.
         eval_batch_size: samples per batch in evaluation.
         learning_rate: peak learning rate.
         weight_decay: AdamW/Lion weight decay.
-        optimizer: adamw, lion or adamw8bit (bitsandbytes, CUDA).
-        scheduler: constant, linear, cosine or cosine_restarts (all with warmup).
+        optimizer: adamw, lion (pip install glmtune[lion]) or adamw8bit (bitsandbytes, CUDA).
+        scheduler: constant, linear, cosine or cosine_restarts (all after a linear warmup).
         warmup_steps: linear warmup steps.
-        accumulate_grad_batches: gradient accumulation.
+        num_cycles: cosine_restarts: number of hard restarts.
+        accumulate_grad_batches: micro-batches per optimizer step.
         gradient_clip_val: clip the gradient norm (0 = off).
-        precision: Lightning precision: 32, 16-mixed, bf16-mixed, bf16-true.
+        precision: 32, 16-mixed, bf16-mixed, 16-true or bf16-true. With a *-true precision the frozen weights
+            are cast to half, while LoRA / AdaLoRA / IA3 / P-Tuning v2 weights stay in fp32.
         accelerator: auto, cpu, gpu.
         devices: devices per node ("auto", a count, or a list).
-        strategy: auto, ddp, fsdp, deepspeed_stage_2, deepspeed_stage_3, or a DeepSpeed JSON file.
+        strategy: auto, ddp, fsdp, deepspeed_stage_2, deepspeed_stage_2_offload, deepspeed_stage_3,
+            deepspeed_stage_3_offload, or a DeepSpeed JSON file (config/deepspeed/*.json).
         num_nodes: machines (MASTER_ADDR / MASTER_PORT / NODE_RANK from the environment).
         gradient_checkpointing: recompute activations in the backward pass.
-        seed: global seed.
-        log_every_n_steps: logging interval.
-        save_every_n_steps: also keep a checkpoint every N steps (0 = off).
-        max_bad_steps: stop after this many non-finite losses in a row (each is skipped).
+        seed: global seed (data order, initialisation, dropout).
+        log_every_n_steps: logging interval in optimizer steps.
+        eval_every_n_steps: also evaluate every N optimizer steps (0 = at the end of each epoch only).
+        save_every_n_steps: also keep a checkpoint every N optimizer steps (0 = off).
+        max_bad_steps: stop after this many non-finite losses in a row (each one is skipped).
         resume: checkpoint to resume from ("last" = output_dir/checkpoints/last.ckpt).
         dataloader_workers: DataLoader worker processes.
     """
@@ -226,6 +298,7 @@ class TrainArgs:
     optimizer: Literal["adamw", "lion", "adamw8bit"] = "adamw"
     scheduler: Literal["constant", "linear", "cosine", "cosine_restarts"] = "linear"
     warmup_steps: int = 0
+    num_cycles: int = 2
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
     precision: str = "32"
@@ -236,10 +309,24 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     seed: int = 42
     log_every_n_steps: int = 5
+    eval_every_n_steps: int = 0
     save_every_n_steps: int = 0
     max_bad_steps: int = 10
     resume: str | None = None
     dataloader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.precision = str(self.precision)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        for key in ("batch_size", "eval_batch_size", "accumulate_grad_batches", "max_bad_steps", "num_nodes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "eval_every_n_steps", "save_every_n_steps", "dataloader_workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"train.max_steps must be -1 (use max_epochs) or >= 1, got {self.max_steps}")
 
 
 @dataclass
@@ -303,6 +390,8 @@ def build_parser(description: str, sections: list[str] | None = None) -> Argumen
     Without `--config`, config/default.yaml (the embedded tiny model) is read first, so each script runs
     on its own. Scripts add their own flags (e.g. `--merge`) to the returned parser.
     """
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
     default_files = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []
     parser = ArgumentParser(description=description, default_config_files=default_files, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="Task YAML file (default: config/default.yaml).")
@@ -345,6 +434,7 @@ def parse_args(parser: ArgumentParser, argv: list[str] | None = None) -> tuple[T
 
 
 def namespace_to_task(ns: Namespace) -> TaskConfig:
+    from jsonargparse import Namespace
     kwargs: dict[str, Any] = {"method": ns.get("method", "lora")}
     for name, cls in SECTIONS.items():
         section = ns.get(name)

@@ -11,6 +11,8 @@ embedding on half of each head, SwiGLU MLP) -> final RMSNorm -> output_layer (un
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,8 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from glmtune.models.losses import chunked_causal_lm_loss
 
 
 class ChatGLM2Config(PretrainedConfig):
@@ -286,6 +290,9 @@ class GLMTransformer(nn.Module):
             self.final_layernorm = _norm(config)
         self.post_layer_norm = config.post_layer_norm
         self.gradient_checkpointing = False
+        # Selective checkpointing: with gradient checkpointing on, recompute only the first N blocks
+        # (None = all). Fewer recomputed blocks trade memory for ~1/3 less compute in each of them.
+        self.checkpoint_layers: int | None = None
 
     def forward(
         self,
@@ -302,7 +309,7 @@ class GLMTransformer(nn.Module):
             if all_hidden_states is not None:
                 all_hidden_states += (hidden_states,)
             prefix_key, prefix_value = prefix_key_values[index] if prefix_key_values else (None, None)
-            if checkpointing:
+            if checkpointing and (self.checkpoint_layers is None or index < self.checkpoint_layers):
                 # Tensors positionally, so that reentrant checkpointing also propagates their gradients.
                 hidden_states = self._gradient_checkpointing_func(
                     layer.__call__,
@@ -520,7 +527,17 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
     def __init__(self, config: ChatGLM2Config) -> None:
         super().__init__(config)
         self.transformer = ChatGLM2Model(config)
+        # > 0: with labels, compute the loss chunk by chunk (glmtune.models.losses) and return no logits.
+        # Off by default so forward() returns logits as published; the trainer turns it on.
+        self.loss_chunk_size = 0
         self.post_init()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: object) -> None:
+        """Write the published checkpoint layout (config schema, parameter names) as safetensors, loadable by
+        glmtune's load_model and by tools that read published ChatGLM folders; see loading.save_model."""
+        from glmtune.models.loading import save_pretrained_published
+
+        save_pretrained_published(self, save_directory, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.embedding.word_embeddings
@@ -565,6 +582,13 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
             cache=cache if cache is not None else past_key_values,
         )
         hidden_states = outputs.last_hidden_state
+        if labels is not None and self.loss_chunk_size > 0:
+            loss = chunked_causal_lm_loss(
+                hidden_states, self.transformer.output_layer, labels, self.loss_chunk_size
+            )
+            if not return_dict:
+                return (loss,)
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:

@@ -1,0 +1,502 @@
+"""LoRA training speed and memory: glmtune vs transformers GlmForCausalLM + PEFT, side by side in one run.
+
+Both sides train the same ChatGLM2-6B-shaped network with random bf16 weights, LoRA r=8 on every block
+linear, AdamW, SDPA attention. The peer is the stack users would otherwise reach for, in a plain loop with
+full gradient checkpointing. glmtune runs its real LightningModule and method code (apply_method +
+CausalLMModule under a Lightning Trainer) with its optimisations: chunked cross entropy (no fp32 logits over
+the vocabulary), selective activation checkpointing sized to stay under the peer's peak memory, and
+torch.compile'd blocks for small batches. Then ChatGLM-6B (v1) LoRA at 128 x 1 with bf16, int8 and int4
+weights reports peak memory.
+
+    python bench/gpu_lora.py                 # on a CUDA machine: the full table (about 5 minutes on an H200)
+    python bench/gpu_lora.py --tiny          # tiny sizes on CPU: checks the script itself
+
+Prints a table and writes JSON to bench/results/gpu_lora-<card>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GiB = 1024**3
+
+
+@dataclass
+class Result:
+    side: str
+    shape: str
+    tokens_per_s: float = float("nan")
+    step_s: float = float("nan")
+    peak_gib: float = float("nan")
+    mfu: float = float("nan")
+    losses: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+
+def chatglm2_shape(tiny: bool) -> dict:
+    if tiny:
+        return dict(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, kv_channels=16,
+                    multi_query_group_num=2, padded_vocab_size=512)
+    return dict(num_layers=28, hidden_size=4096, ffn_hidden_size=13696, num_attention_heads=32, kv_channels=128,
+                multi_query_group_num=2, padded_vocab_size=65024)
+
+
+def chatglm_v1_shape(tiny: bool) -> dict:
+    if tiny:
+        return dict(num_layers=2, hidden_size=64, inner_hidden_size=256, num_attention_heads=4, vocab_size=130528)
+    return dict(num_layers=28, hidden_size=4096, inner_hidden_size=16384, num_attention_heads=32, vocab_size=130528)
+
+
+def linear_params(shape: dict) -> int:
+    """Parameters of every matmul a token goes through (blocks + output layer), for the FLOP count."""
+    h, heads, d, g = shape["hidden_size"], shape["num_attention_heads"], shape["kv_channels"], shape["multi_query_group_num"]
+    per_layer = h * (heads * d + 2 * g * d) + heads * d * h + h * 2 * shape["ffn_hidden_size"] + shape["ffn_hidden_size"] * h
+    return shape["num_layers"] * per_layer + h * shape["padded_vocab_size"]
+
+
+def train_flops_per_token(shape: dict, seq: int) -> float:
+    """Model FLOPs of one LoRA training token: forward 2N + input gradients 2N (frozen weights get no
+    gradient), plus causal attention (QK^T and PV, half the square) forward and twice that backward.
+    Recomputation is not counted: MFU credits only useful work."""
+    attn_fwd = 2 * 2 * seq * shape["num_attention_heads"] * shape["kv_channels"] * 0.5
+    return 4 * linear_params(shape) + 3 * attn_fwd * shape["num_layers"]
+
+
+def measure_matmul_flops(device: torch.device, tiny: bool) -> float:
+    n = 256 if tiny else 8192
+    dtype = torch.float32 if tiny else torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 10
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else float("nan")
+
+
+def allocated_gib(device: torch.device) -> float:
+    return torch.cuda.memory_allocated() / GiB if device.type == "cuda" else 0.0
+
+
+def random_batch(batch: int, seq: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+# ------------------------------------------------------------------------------------------------ peer
+
+
+def run_peer(shapes, args, device, dtype, matmul, report=None) -> list[Result]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import GlmConfig, GlmForCausalLM
+
+    s = chatglm2_shape(args.tiny)
+    config = GlmConfig(
+        vocab_size=s["padded_vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["ffn_hidden_size"],
+        num_hidden_layers=s["num_layers"], num_attention_heads=s["num_attention_heads"],
+        num_key_value_heads=s["multi_query_group_num"], head_dim=s["kv_channels"], attention_bias=True,
+        rms_norm_eps=1e-5, max_position_embeddings=32768, pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = GlmForCausalLM(config).to(dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    results = []
+    for batch_size, seq in shapes:
+        r = Result("peer", f"{seq}x{batch_size}")
+        try:
+            reset_peak(device)
+            times = []
+            for step in range(args.warmup + args.steps):
+                batch = random_batch(batch_size, seq, s["padded_vocab_size"], device)
+                sync(device)
+                t0 = time.perf_counter()
+                loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sync(device)
+                if step >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+                    r.losses.append(float(loss.detach()))
+            fill(r, times, batch_size, seq, s, matmul, device)
+        except torch.cuda.OutOfMemoryError as err:
+            r.note = f"OOM: {str(err)[:80]}"
+            optimizer.zero_grad(set_to_none=True)
+        results.append(r)
+        print(row(r), flush=True)
+        if report:
+            report(r)
+    del model, optimizer
+    reset_peak(device)
+    return results
+
+
+def fill(r: Result, times: list[float], batch_size: int, seq: int, shape: dict, matmul: float, device) -> None:
+    step = sorted(times)[len(times) // 2]
+    r.step_s = step
+    r.tokens_per_s = batch_size * seq / step
+    r.peak_gib = peak_gib(device)
+    r.mfu = r.tokens_per_s * train_flops_per_token(shape, seq) / matmul
+
+
+# -------------------------------------------------------------------------------------------- glmtune
+
+
+class StepTimer:
+    """Lightning callback: wall time of each optimizer step, synchronised with the device."""
+
+    def __init__(self, device: torch.device):
+        import lightning as L
+
+        class _Timer(L.Callback):
+            def __init__(inner):
+                inner.times: list[float] = []
+                inner.losses: list[float] = []
+                inner.t0 = 0.0
+
+            def on_train_batch_start(inner, trainer, module, batch, batch_idx):
+                sync(device)
+                inner.t0 = time.perf_counter()
+
+            def on_train_batch_end(inner, trainer, module, outputs, batch, batch_idx):
+                sync(device)
+                inner.times.append(time.perf_counter() - inner.t0)
+                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+                inner.losses.append(float(loss.detach()))
+
+        self.callback = _Timer()
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int, vocab: int):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def glmtune_lora_model(shape: dict, device, dtype, v1: bool = False, bits: int = 0):
+    from glmtune.config import LoraArgs, TaskConfig
+    from glmtune.models import quantization
+    from glmtune.training.methods import apply_method
+
+    if v1:
+        from glmtune.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
+
+        config = ChatGLMConfig(**shape, use_cache=False)
+        with torch.device(device):
+            model = ChatGLMForConditionalGeneration(config).to(dtype)
+        model.glmtune_family = "chatglm"
+    else:
+        from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
+
+        config = ChatGLM2Config(**shape, multi_query_attention=True, add_qkv_bias=True, use_cache=False)
+        with torch.device(device):
+            model = ChatGLM2ForConditionalGeneration(config).to(dtype)
+        model.glmtune_family = "chatglm2"
+        model.loss_chunk_size = 4096
+    if bits:
+        quantization.quantize_model(model, bits)
+    cfg = TaskConfig(method="lora", lora=LoraArgs(r=8, alpha=16, dropout=0.0))
+    model = apply_method(model, cfg, total_steps=1000)
+    model.train()
+    return model
+
+
+def fit_steps(model, batch_size: int, seq: int, vocab: int, args, device) -> tuple[list[float], list[float]]:
+    """Train warmup + steps optimizer steps through the real LightningModule and Trainer."""
+    import lightning as L
+
+    from glmtune.config import TrainArgs
+    from glmtune.training.module import CausalLMModule
+
+    total = args.warmup + args.steps
+    module = CausalLMModule(model, TrainArgs(learning_rate=1e-4, gradient_clip_val=0.0, scheduler="constant"),
+                            total_steps=total, method="lora")
+    timer = StepTimer(device).callback
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=total,
+        precision="bf16-true" if device.type == "cuda" else "32-true", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[timer], gradient_clip_val=None,
+    )
+    loader = torch.utils.data.DataLoader(RandomTokens(total * batch_size, seq, vocab), batch_size=batch_size)
+    trainer.fit(module, train_dataloaders=loader)
+    model.to(device)  # Lightning's teardown parks the module on the CPU; the next shape reuses it here
+    return timer.times[args.warmup :], timer.losses[args.warmup :]
+
+
+def loss_parity(model, encoder, vocab: int, device, steps: int = 4, seq: int = 512) -> tuple[list[float], list[float]]:
+    """The same LoRA steps from the same weights and data, optimised path vs unoptimised path
+    (full fp32 logits + every block recomputed): the loss curves must agree within bf16 noise."""
+    inner = model.base_model.model
+    start = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    curves = []
+    for chunk, recompute in ((inner.loss_chunk_size, 0), (0, None)):
+        with torch.no_grad():
+            for k, v in model.named_parameters():
+                if k in start:
+                    v.copy_(start[k])
+        inner.loss_chunk_size, encoder.checkpoint_layers = chunk, recompute
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(steps):
+            ids = torch.randint(0, vocab, (1, seq), generator=g).to(device)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        curves.append(losses)
+    inner.loss_chunk_size = 4096
+    return curves[0], curves[1]
+
+
+def checkpointed_layers_needed(budget_gib, static_gib, act_gib_per_token_layer, tokens, layers) -> int:
+    """Fewest recomputed blocks keeping static + activations under the budget (0 = no recompute)."""
+    kept_per_layer = act_gib_per_token_layer * tokens
+    for k in range(layers + 1):
+        if static_gib + kept_per_layer * (layers - k) <= budget_gib:
+            return k
+    return layers
+
+
+def run_glmtune(shapes, peer: dict[str, Result], args, device, dtype, matmul, compile_small: bool = False,
+                side: str = "glmtune", report=None) -> list[Result]:
+    s = chatglm2_shape(args.tiny)
+    model = glmtune_lora_model(s, device, dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    encoder = model.base_model.model.transformer.encoder
+    layers = s["num_layers"]
+    reset_peak(device)
+    static = allocated_gib(device)
+    act_per_token_layer = None
+    results = []
+    for batch_size, seq in shapes:
+        tokens = batch_size * seq
+        name = f"{seq}x{batch_size}"
+        budget = peer[name].peak_gib * args.memory_margin if name in peer else float("inf")
+        if act_per_token_layer is None or not math.isfinite(budget):
+            k = 0
+        else:
+            k = checkpointed_layers_needed(budget, static, act_per_token_layer, tokens, layers)
+        compiled = compile_small and device.type == "cuda" and tokens <= args.compile_max_tokens
+        if compile_small and not compiled:
+            continue
+        r = Result(side, name)
+        for attempt in range(2):
+            encoder.checkpoint_layers = k
+            if compiled:
+                for block in encoder.layers:
+                    block.compile()
+            try:
+                reset_peak(device)
+                times, losses = fit_steps(model, batch_size, seq, s["padded_vocab_size"], args, device)
+                r.losses = losses
+                fill(r, times, batch_size, seq, s, matmul, device)
+                r.note = f"recompute {k}/{layers} blocks" + (", compiled blocks" if compiled else "")
+            except Exception as err:  # OOM or a compile failure: record it, retry once more conservatively
+                r.note = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
+                traceback.print_exc()
+                if compiled:
+                    compiled = False
+                else:
+                    k = min(layers, k + max(1, layers // 4))
+                continue
+            finally:
+                for block in encoder.layers:
+                    block._compiled_call_impl = None
+            if device.type == "cuda" and k < layers:
+                act_per_token_layer = max(0.0, r.peak_gib - static) / (tokens * (layers - k))
+            if not math.isfinite(r.peak_gib) or r.peak_gib <= budget or attempt == 1:
+                break
+            k = min(layers, checkpointed_layers_needed(budget, static, act_per_token_layer, tokens, layers) + 1)
+        results.append(r)
+        print(row(r), flush=True)
+        if report:
+            report(r)
+    if not compile_small:
+        optimised, plain = loss_parity(model, encoder, s["padded_vocab_size"], device)
+        r = Result("parity", "512x1", losses=optimised,
+                   note="optimised " + " ".join(f"{x:.4f}" for x in optimised)
+                   + " | unoptimised " + " ".join(f"{x:.4f}" for x in plain)
+                   + f" | max diff {max(abs(a - b) for a, b in zip(optimised, plain)):.2e}")
+        print(r.note, flush=True)
+        if report:
+            report(r)
+    del model, encoder
+    reset_peak(device)
+    return results
+
+
+def run_v1_memory(args, device, dtype, matmul, report=None) -> list[Result]:
+    """ChatGLM-6B LoRA at 128 x 1: peak memory with bf16, int8 and int4 block weights."""
+    s = chatglm_v1_shape(args.tiny)
+    results = []
+    for bits in (0, 8, 4):
+        r = Result("glmtune v1", f"128x1 {'bf16' if not bits else f'int{bits}'}")
+        try:
+            reset_peak(device)
+            model = glmtune_lora_model(s, device, dtype, v1=True, bits=bits)
+            reset_peak(device)
+            seq = 128
+            ids = torch.randint(0, 130000, (1, seq), device=device)
+            ids[0, seq // 2], ids[0, seq // 2 + 1] = 130001, 130004  # [gMASK] <sop>: prompt, then answer
+            labels = ids.clone()
+            labels[0, : seq // 2 + 1] = -100
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            times = []
+            for step in range(args.warmup + args.steps):
+                sync(device)
+                t0 = time.perf_counter()
+                loss = model(input_ids=ids, labels=labels).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sync(device)
+                if step >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+                    r.losses.append(float(loss.detach()))
+            r.step_s = sorted(times)[len(times) // 2]
+            r.tokens_per_s = seq / r.step_s
+            r.peak_gib = peak_gib(device)
+            del model, optimizer
+        except Exception as err:
+            r.note = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
+            traceback.print_exc()
+        results.append(r)
+        print(row(r), flush=True)
+        if report:
+            report(r)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+HEADER = f"{'side':<12} {'seq x batch':<14} {'tokens/s':>10} {'s/step':>8} {'MFU':>6} {'peak GiB':>9}  note"
+
+
+def row(r: Result) -> str:
+    return (f"{r.side:<12} {r.shape:<14} {r.tokens_per_s:>10.0f} {r.step_s:>8.3f} {r.mfu:>6.1%} {r.peak_gib:>9.2f}"
+            f"  {r.note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (CPU check of the script)")
+    parser.add_argument("--shapes", default="128x1,512x4,1024x8,2048x4", help="seq x batch list")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per shape")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per shape")
+    parser.add_argument("--memory-margin", type=float, default=0.97, help="glmtune's budget = this x peer peak")
+    parser.add_argument("--compile-max-tokens", type=int, default=512, help="compile blocks up to this many tokens")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: peer,glmtune,v1,compile")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}"
+    shapes = [tuple(int(x) for x in s.split("x"))[::-1] for s in args.shapes.split(",")]  # (batch, seq)
+    if args.tiny:
+        shapes = [(b, min(s, 64)) for b, s in shapes[:2]]
+    torch.manual_seed(0)
+    matmul = measure_matmul_flops(device, args.tiny)
+    print(f"card: {card}; torch {torch.__version__}; measured matmul: {matmul / 1e12:.1f} TFLOP/s", flush=True)
+    print(HEADER, flush=True)
+    skip = set(args.skip.split(","))
+    results: list[Result] = []
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / f"gpu_lora-{card.replace(' ', '_')}.json"
+
+    def save(r: Result | None = None) -> None:
+        """Rewrite the JSON after every row, so a run stopped early keeps what it measured."""
+        if r is not None:
+            results.append(r)
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"card": card, "torch": torch.__version__, "matmul_flops": matmul,
+                                   "seconds": time.time() - started, "results": [x.__dict__ for x in results]},
+                                  indent=2))
+        tmp.replace(file)
+
+    peer = run_peer(shapes, args, device, dtype, matmul, report=save) if "peer" not in skip else []
+    peer_by_shape = {r.shape: r for r in peer}
+    if "glmtune" not in skip:
+        run_glmtune(shapes, peer_by_shape, args, device, dtype, matmul, report=save)
+    if "v1" not in skip:
+        run_v1_memory(args, device, dtype, matmul, report=save)
+    # Last, as it may take a while to compile: small batches with torch.compile'd blocks.
+    if "compile" not in skip and device.type == "cuda" and not args.no_compile:
+        run_glmtune(shapes, peer_by_shape, args, device, dtype, matmul, compile_small=True,
+                    side="glmtune+compile", report=save)
+
+    print(f"\n{HEADER}")
+    by = {(r.side, r.shape): r for r in results}
+    for r in results:
+        print(row(r))
+    print("\nglmtune / peer at the same shape (tokens/s ratio, peak memory ratio):")
+    for batch_size, seq in shapes:
+        name = f"{seq}x{batch_size}"
+        b = by.get(("peer", name))
+        for side in ("glmtune", "glmtune+compile"):
+            a = by.get((side, name))
+            if a and b:
+                print(f"  {side:<16} {name:<10} speed x{a.tokens_per_s / b.tokens_per_s:.2f}   "
+                      f"memory x{a.peak_gib / b.peak_gib:.2f}")
+    save()
+    print(f"wrote {file} ({time.time() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
