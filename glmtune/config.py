@@ -393,7 +393,9 @@ def build_parser(description: str, sections: list[str] | None = None) -> Argumen
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     default_files = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []
-    parser = ArgumentParser(description=description, default_config_files=default_files, exit_on_error=False)
+    parser = ArgumentParser(
+        description=description, default_config_files=default_files, exit_on_error=False, allow_abbrev=False
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="Task YAML file (default: config/default.yaml).")
     parser.add_argument("--method", type=Method, default="lora", help="Tuning method.")
     for name in sections or list(SECTIONS):
