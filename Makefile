@@ -1,30 +1,35 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both install into .venv first.
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs what it needs into .venv first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.core-installed
+DEV := $(VENV)/.dev-installed
 
 .PHONY: demo test lint install clean
 
-$(STAMP): setup.py
+$(CORE): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch 2.13.0 is the CPU wheel on local disk here; elsewhere pip picks the build for your machine.
+	# torch 2.13.0 is a CPU wheel on local disk on our machines; elsewhere pip picks the build for yours.
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e .
+	touch $(CORE)
+
+$(DEV): $(CORE)
 	$(PY) -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	touch $(DEV)
 
-install: $(STAMP)
+install: $(CORE)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(PY) data_utils.py
 	$(PY) train.py
 	$(PY) infer_lora_finetuning.py --predict data/dev.json --limit 8
 
-test: $(STAMP)
+test: $(DEV)
 	$(PY) -m pytest -q
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
