@@ -17,6 +17,9 @@ $(CORE): setup.py
 
 $(DEV): $(CORE)
 	$(PY) -m pip install -q -e ".[dev]"
+	# Headless Chromium for the web-chat test (it skips, saying why, where this cannot be installed).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) \
+		|| echo "chromium not installed: the browser test will be skipped"
 	touch $(DEV)
 
 install: $(CORE)

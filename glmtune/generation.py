@@ -6,8 +6,9 @@ Every front end (terminal chat, batch prediction, HTTP API, web page, Python API
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -22,16 +23,50 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+class Completion(NamedTuple):
+    """One answer and what an API reports about it."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int  # tokens generated before the stop token (a stop string may cut the text earlier)
+    finish_reason: Literal["stop", "length"]  # "length": max_new_tokens ran out first
+
+
+class _Cancelled:
+    """A stopping criterion: ends generate() once the consumer of a stream has gone (or hit a stop string)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
 @dataclass
 class ChatEngine:
     model: torch.nn.Module
     tokenizer: object
     template: object
     generation: GenerationArgs = field(default_factory=GenerationArgs)
+    # One generate() at a time: servers call the engine from several threads, and one model's forward is not
+    # safe to run concurrently (PEFT's active-adapter state, shared caches); it would only share the CPU anyway.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int | None:
+        """Longest sequence (prompt + answer) the model's positions cover, from its config; None if unknown."""
+        config = getattr(self.model, "config", None)
+        for key in ("seq_length", "max_sequence_length", "max_position_embeddings"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def _generate_kwargs(self, overrides: dict) -> dict:
         g = {**self.generation.__dict__, **{k: v for k, v in overrides.items() if v is not None}}
@@ -47,8 +82,8 @@ class ChatEngine:
             kwargs.update(temperature=g["temperature"], top_p=g["top_p"], top_k=g["top_k"])
         return kwargs
 
-    def prompt_ids(self, query: str, history: History | None = None) -> list[int]:
-        return list(self.template.build_chat_prompt(query, history or []).input_ids)
+    def prompt_ids(self, query: str, history: History | None = None, system: str | None = None) -> list[int]:
+        return list(self.template.build_chat_prompt(query, history or [], system).input_ids)
 
     def _batch(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
         """Left-pad prompts so every row's answer starts at the same column."""
@@ -61,42 +96,89 @@ class ChatEngine:
             mask[row, longest - len(p) :] = 1
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
-    def _decode(self, ids: Sequence[int]) -> str:
+    def _until_stop_token(self, ids: Sequence[int]) -> tuple[list[int], bool]:
+        """The generated ids before the first stop token, and whether there was one."""
         stops = set(self.template.stop_token_ids)
         kept = []
         for i in ids:
             if i in stops:
-                break
+                return kept, True
             kept.append(int(i))
-        return self.tokenizer.decode(kept, skip_special_tokens=True)
+        return kept, False
 
     @torch.inference_mode()
-    def batch_chat(self, queries: list[str], histories: list[History] | None = None, **overrides) -> list[str]:
+    def batch_complete(
+        self,
+        queries: list[str],
+        histories: list[History] | None = None,
+        systems: list[str | None] | None = None,
+        **overrides,
+    ) -> list[Completion]:
         histories = histories or [[] for _ in queries]
-        prompts = [self.prompt_ids(q, h) for q, h in zip(queries, histories, strict=True)]
+        systems = systems or [None for _ in queries]
+        prompts = [self.prompt_ids(q, h, s) for q, h, s in zip(queries, histories, systems, strict=True)]
         batch = self._batch(prompts)
-        out = self.model.generate(**batch, **self._generate_kwargs(overrides))
+        kwargs = self._generate_kwargs(overrides)
+        with self._lock:
+            out = self.model.generate(**batch, **kwargs)
         new = out[:, batch["input_ids"].shape[1] :]
         stops = overrides.get("stop") or self.generation.stop
-        return [cut_at_stop(self._decode(row.tolist()), stops)[0].strip() for row in new]
+        completions = []
+        for prompt, row in zip(prompts, new.tolist(), strict=True):
+            kept, ended = self._until_stop_token(row)
+            text, cut = cut_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), stops)
+            # A row without a stop token ran to max_new_tokens (rows that ended are padded after it).
+            completions.append(
+                Completion(text.strip(), len(prompt), len(kept), "stop" if ended or cut else "length")
+            )
+        return completions
 
-    def chat(self, query: str, history: History | None = None, **overrides) -> tuple[str, History]:
-        response = self.batch_chat([query], [history or []], **overrides)[0]
+    def batch_chat(
+        self, queries: list[str], histories: list[History] | None = None, **overrides
+    ) -> list[str]:
+        return [c.text for c in self.batch_complete(queries, histories, **overrides)]
+
+    def complete(
+        self, query: str, history: History | None = None, system: str | None = None, **overrides
+    ) -> Completion:
+        return self.batch_complete([query], [history or []], [system], **overrides)[0]
+
+    def chat(
+        self, query: str, history: History | None = None, system: str | None = None, **overrides
+    ) -> tuple[str, History]:
+        response = self.complete(query, history, system, **overrides).text
         return response, [*(history or []), (query, response)]
 
-    def stream_chat(self, query: str, history: History | None = None, **overrides) -> Iterator[str]:
-        """Yield the answer so far, growing, as tokens arrive (what a terminal or SSE client shows)."""
-        from transformers import TextIteratorStreamer
+    def stream_chat(
+        self, query: str, history: History | None = None, system: str | None = None, **overrides
+    ) -> Generator[str, None, Completion]:
+        """Yield the answer so far, growing, as tokens arrive (what a terminal or SSE client shows).
 
-        batch = self._batch([self.prompt_ids(query, history)])
+        The generator's return value (`StopIteration.value`) is the finished `Completion`. Closing the
+        generator early stops generate() at the next token.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        prompt = self.prompt_ids(query, history, system)
+        batch = self._batch([prompt])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {**batch, **self._generate_kwargs(overrides), "streamer": streamer}
+        cancel = threading.Event()
+        kwargs = {
+            **batch,
+            **self._generate_kwargs(overrides),
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)]),
+        }
+        outputs: list[torch.Tensor] = []
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
+                with self._lock, torch.inference_mode():
+                    if cancel.is_set():  # the consumer left while another request held the model
+                        streamer.end()
+                        return
+                    outputs.append(self.model.generate(**kwargs))
             except BaseException as err:  # re-raised in the caller's thread below
                 errors.append(err)
                 streamer.end()
@@ -104,13 +186,18 @@ class ChatEngine:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         stops = overrides.get("stop") or self.generation.stop
-        text = ""
-        for piece in streamer:
-            text += piece
-            shown, stopped = cut_at_stop(text, stops)
-            yield shown
-            if stopped:
-                break
-        thread.join()
+        text, shown, stopped = "", "", False
+        try:
+            for piece in streamer:
+                text += piece
+                shown, stopped = cut_at_stop(text, stops)
+                yield shown
+                if stopped:
+                    break
+        finally:
+            cancel.set()  # a stop string was hit or the consumer closed us: generate() need not go on
+            thread.join()
         if errors:
             raise errors[0]
+        kept, ended = self._until_stop_token(outputs[0][0, batch["input_ids"].shape[1] :].tolist())
+        return Completion(shown.strip(), len(prompt), len(kept), "stop" if ended or stopped else "length")

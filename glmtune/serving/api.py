@@ -1,0 +1,375 @@
+"""The HTTP API: ChatGLM's `POST /` and OpenAI's `/v1/chat/completions` and `/v1/models`, on one ChatEngine.
+
+Generation runs in worker threads (the event loop keeps answering other requests meanwhile) and the engine's
+lock lets one generate() run at a time, so concurrent requests queue and each gets the answer it would get
+alone. Streams are OpenAI server-sent events: `data: {chunk}` lines, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Generator, Sequence
+from datetime import datetime
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from glmtune.generation import ChatEngine, Completion
+from glmtune.serving.limits import RequestError, answer_budget
+from glmtune.serving.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatGLMRequest,
+    ChatGLMResponse,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+log = logging.getLogger("glmtune.serving")
+
+# Paths a browser opens without an Authorization header: the health probe and the API docs (no model access).
+OPEN_PATHS = ("/health", "/docs", "/redoc", "/openapi.json")
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse},
+    401: {"model": ErrorResponse},
+}
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request outside `open_prefixes` needs `Authorization: Bearer <key>`.
+
+    A middleware rather than a FastAPI dependency so that the key is checked before the body is parsed: a
+    client without the key learns nothing about what a valid body looks like.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str, open_prefixes: Sequence[str] = OPEN_PATHS) -> None:
+        self.app = app
+        self.key = api_key.encode()
+        self.open_prefixes = tuple(open_prefixes)
+
+    def _is_open(self, path: str) -> bool:
+        return any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.open_prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key):
+            await self.app(scope, receive, send)
+            return
+        error = RequestError(
+            "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+            401,
+            kind="authentication_error",
+        )
+        response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+def _validation_message(errors: Sequence[Any], content_type: str) -> str:
+    """pydantic's error list as one line per problem, each naming the field (`messages.1.role: ...`)."""
+    if "json" not in content_type and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return f"the body must be a JSON object sent with 'Content-Type: application/json' (got {content_type!r})"
+    lines = []
+    for err in errors:
+        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx", {}).get("error", "")
+            lines.append(f"malformed JSON body at character {loc[-1] if loc else '?'}: {ctx}".rstrip(": "))
+            continue
+        field = ".".join(loc) or "body"
+        lines.append(f"{field}: {err.get('msg', 'invalid')}")
+    return "; ".join(lines) or "invalid request body"
+
+
+def conversation(messages: Sequence[ChatMessage]) -> tuple[str, list[tuple[str, str]], str | None]:
+    """OpenAI messages as (query, history pairs, system): system messages first, then user and assistant
+    messages alternating, starting and ending with the user."""
+    system_parts: list[str] = []
+    start = 0
+    while start < len(messages) and messages[start].role in ("system", "developer"):
+        system_parts.append(messages[start].text)
+        start += 1
+    turns = messages[start:]
+    if not turns:
+        raise RequestError("messages: there is no user message (only system messages)", param="messages")
+    for offset, message in enumerate(turns):
+        expected = "user" if offset % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise RequestError(
+                f"messages.{start + offset}: expected a {expected!r} message, got {message.role!r} (system "
+                "messages come first, then user and assistant messages alternate, starting with the user)",
+                param="messages",
+            )
+    if turns[-1].role != "user":
+        raise RequestError(
+            f"messages: the last message must come from the user, not the {turns[-1].role}", param="messages"
+        )
+    history = [(turns[i].text, turns[i + 1].text) for i in range(0, len(turns) - 1, 2)]
+    return turns[-1].text, history, "\n".join(system_parts) or None
+
+
+def sampling(temperature: float | None, top_p: float | None) -> dict[str, Any]:
+    """Client sampling settings as ChatEngine overrides: temperature 0 means greedy, > 0 means sampling.
+
+    Unset values keep the server's generation config (greedy in the default config).
+    """
+    overrides: dict[str, Any] = {}
+    if temperature is not None:
+        overrides["do_sample"] = temperature > 0
+        if temperature > 0:
+            overrides["temperature"] = temperature
+    if top_p is not None:
+        overrides["top_p"] = top_p
+    return overrides
+
+
+class DeltaTracker:
+    """Turns the growing streamed answer into deltas that never have to be taken back.
+
+    The final answer is stripped and cut at the first stop string, so while streaming we hold back trailing
+    whitespace and any tail that could be the start of a stop string; `finish` sends the rest.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.sent = ""
+
+    def _held_tail(self, text: str) -> int:
+        for length in range(min(max((len(s) for s in self.stops), default=1) - 1, len(text)), 0, -1):
+            if any(s.startswith(text[-length:]) for s in self.stops):
+                return length
+        return 0
+
+    def update(self, shown: str) -> str:
+        text = shown.lstrip()
+        ready = text[: len(text) - self._held_tail(text)].rstrip()
+        if not ready.startswith(self.sent) or len(ready) <= len(self.sent):
+            return ""
+        delta, self.sent = ready[len(self.sent) :], ready
+        return delta
+
+    def finish(self, final: str) -> str:
+        if not final.startswith(self.sent):
+            # Cannot happen by construction; log it rather than send text that contradicts what was sent.
+            log.warning("streamed text %r is not a prefix of the final answer %r", self.sent, final)
+            return ""
+        delta, self.sent = final[len(self.sent) :], final
+        return delta
+
+
+def _step(stream: Generator[str, None, Completion]) -> tuple[bool, Any]:
+    """One step of a stream_chat generator in a worker thread: (finished, yielded text or Completion)."""
+    try:
+        return False, next(stream)
+    except StopIteration as end:
+        return True, end.value
+
+
+def create_app(
+    engine: ChatEngine, *, model_name: str = "glmtune", api_key: str | None = None, ui_path: str | None = None
+) -> FastAPI:
+    """The FastAPI app serving `engine`; with `api_key`, every route but /health and the docs needs it.
+
+    `ui_path` (e.g. "/chat") also mounts the Gradio web chat there; with `api_key` its login asks for the key
+    as the password (a browser cannot send a Bearer header).
+    """
+    app = FastAPI(title="glmtune API", description="ChatGLM-style and OpenAI-compatible chat on one model.")
+    app.state.engine = engine
+    app.state.model_name = model_name
+    created = int(time.time())
+    default_new_tokens = engine.generation.max_new_tokens
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, err: RequestError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            RequestError(_validation_message(err.errors(), request.headers.get("content-type", ""))).body(),
+            status_code=400,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            RequestError(str(err.detail), err.status_code, kind=kind).body(),
+            status_code=err.status_code,
+            headers=getattr(err, "headers", None),
+        )
+
+    async def prompt_length(query: str, history: list[tuple[str, str]], system: str | None) -> int:
+        try:
+            return len(await run_in_threadpool(engine.prompt_ids, query, history, system))
+        except ValueError as err:  # the template refuses the conversation (e.g. a role it cannot place)
+            raise RequestError(f"messages: {err}", param="messages") from err
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, created=created)])
+
+    @app.post("/", response_model=ChatGLMResponse, responses=ERROR_RESPONSES)
+    async def chatglm(body: ChatGLMRequest) -> ChatGLMResponse:
+        """THUDM ChatGLM api.py: one answer with the updated history."""
+        history = list(body.history or [])
+        prompt_tokens = await prompt_length(body.prompt, history, None)
+        budget = answer_budget(
+            prompt_tokens, engine.context_length, default_new_tokens, max_length=body.max_length
+        )
+        overrides = {**sampling(body.temperature, body.top_p), "max_new_tokens": budget}
+        completion = await run_in_threadpool(engine.complete, body.prompt, history, None, **overrides)
+        log.info(
+            "POST / prompt=%d tokens answer=%d tokens", completion.prompt_tokens, completion.completion_tokens
+        )
+        return ChatGLMResponse(
+            response=completion.text,
+            history=[*history, (body.prompt, completion.text)],
+            status=200,
+            time=datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        )
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest):
+        query, history, system = conversation(body.messages)
+        prompt_tokens = await prompt_length(query, history, system)
+        budget = answer_budget(
+            prompt_tokens,
+            engine.context_length,
+            default_new_tokens,
+            max_new_tokens=body.max_tokens or body.max_completion_tokens,
+        )
+        overrides = {**sampling(body.temperature, body.top_p), "max_new_tokens": budget, "stop": body.stop}
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = sse_events(query, history, system, overrides, completion_id, include_usage)
+            return StreamingResponse(
+                events,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        completion = await run_in_threadpool(engine.complete, query, history, system, **overrides)
+        return ChatCompletion(
+            id=completion_id,
+            created=int(time.time()),
+            model=model_name,
+            choices=[
+                Choice(
+                    index=0,
+                    message=AssistantMessage(content=completion.text),
+                    finish_reason=completion.finish_reason,
+                )
+            ],
+            usage=usage(completion),
+        )
+
+    def usage(completion: Completion) -> Usage:
+        return Usage(
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            total_tokens=completion.prompt_tokens + completion.completion_tokens,
+        )
+
+    def chunk(
+        completion_id: str, created: int, choices: list[ChunkChoice], usage_: Usage | None = None
+    ) -> str:
+        body = ChatCompletionChunk(
+            id=completion_id,
+            object="chat.completion.chunk",
+            created=created,
+            model=model_name,
+            choices=choices,
+        )
+        if usage_ is not None:
+            body.usage = usage_
+        return f"data: {body.model_dump_json(exclude_unset=True)}\n\n"
+
+    async def sse_events(
+        query: str,
+        history: list[tuple[str, str]],
+        system: str | None,
+        overrides: dict,
+        completion_id: str,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        stream = engine.stream_chat(query, history, system, **overrides)
+        created = int(time.time())  # one timestamp for every chunk of the completion, as OpenAI sends
+        tracker = DeltaTracker(overrides.get("stop") or engine.generation.stop)
+        try:
+            yield chunk(
+                completion_id,
+                created,
+                [ChunkChoice(index=0, delta=Delta(role="assistant", content=""), finish_reason=None)],
+            )
+            while True:
+                finished, value = await run_in_threadpool(_step, stream)
+                if finished:
+                    break
+                delta = tracker.update(value)
+                if delta:
+                    yield chunk(
+                        completion_id,
+                        created,
+                        [ChunkChoice(index=0, delta=Delta(content=delta), finish_reason=None)],
+                    )
+            completion: Completion = value
+            rest = tracker.finish(completion.text)
+            if rest:
+                yield chunk(
+                    completion_id,
+                    created,
+                    [ChunkChoice(index=0, delta=Delta(content=rest), finish_reason=None)],
+                )
+            yield chunk(
+                completion_id,
+                created,
+                [ChunkChoice(index=0, delta=Delta(), finish_reason=completion.finish_reason)],
+            )
+            if include_usage:
+                yield chunk(completion_id, created, [], usage(completion))
+            yield "data: [DONE]\n\n"
+        except Exception as err:
+            # The 200 status and earlier chunks are already sent: report in the stream, as OpenAI does.
+            log.exception("generation failed while streaming %s", completion_id)
+            error = RequestError(f"generation failed: {err}", 500, kind="server_error")
+            yield f"data: {json.dumps(error.body())}\n\n"
+        finally:
+            # Closing the generator stops generate() at its next token (client gone, or done anyway).
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(stream.close)
+
+    open_paths = OPEN_PATHS
+    if ui_path:
+        from glmtune.serving.web import mount_chat_ui
+
+        mount_chat_ui(app, engine, ui_path, title=f"glmtune chat: {model_name}", password=api_key)
+        open_paths = (*OPEN_PATHS, ui_path)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key, open_prefixes=open_paths)
+    return app

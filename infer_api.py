@@ -1,0 +1,13 @@
+"""Serve a model over HTTP: ChatGLM-style POST /, OpenAI-compatible /v1/chat/completions, and (--ui) a web chat.
+
+python infer_api.py                                    # the base model of the task config
+python infer_api.py --checkpoint output/run/final      # a trained artifact (LoRA or fine-tuned, read from it)
+python infer_api.py --api-key KEY --ui                 # require a key; also serve the Gradio chat at /chat
+"""
+
+import sys
+
+from glmtune.serving.launch import main
+
+if __name__ == "__main__":
+    sys.exit(main(__doc__.split("\n\n")[0]))
