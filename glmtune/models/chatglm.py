@@ -15,6 +15,7 @@ published code runs [seq, batch, ...]; only the numbers have to agree).
 """
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -455,6 +456,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.transformer = ChatGLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: object) -> None:
+        """Write the published checkpoint layout (config schema, parameter names) as safetensors, loadable by
+        glmtune's load_model and by tools that read published ChatGLM folders; see loading.save_model."""
+        from glmtune.models.loading import save_pretrained_published
+
+        save_pretrained_published(self, save_directory, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.word_embeddings
