@@ -11,15 +11,39 @@ from glmtune.generation import ChatEngine
 def inference_parser(description: str, with_checkpoint: bool = True):
     parser = build_parser(description)
     if with_checkpoint:
-        parser.add_argument("--checkpoint", type=str | None, default=None,
-                            help="Training artifact folder (default: <train.output_dir>/final).")
-    parser.add_argument("--predict", type=str | None, default=None,
-                        help="Answer every turn of this data file instead of chatting (any data format).")
-    parser.add_argument("--out", type=str | None, default=None, help="With --predict: write predictions (JSONL) here.")
-    parser.add_argument("--limit", type=int | None, default=None, help="With --predict: only the first N turns.")
-    parser.add_argument("--batch_size", type=int, default=8, help="With --predict: prompts per generate() call.")
-    parser.add_argument("--stream", type=bool, default=False, help="Print the answer as it is generated.")
-    parser.add_argument("--device", type=str | None, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+        parser.add_argument(
+            "--checkpoint",
+            type=str | None,
+            default=None,
+            help="Training artifact folder (default: <train.output_dir>/final).",
+        )
+    parser.add_argument(
+        "--predict",
+        type=str | None,
+        default=None,
+        help="Answer every turn of this data file instead of chatting (any data format).",
+    )
+    parser.add_argument(
+        "--out", type=str | None, default=None, help="With --predict: write predictions (JSONL) here."
+    )
+    parser.add_argument(
+        "--limit", type=int | None, default=None, help="With --predict: only the first N turns."
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=8, help="With --predict: prompts per generate() call."
+    )
+    # nargs="?": a bare `--stream` means true; `--stream false` still parses.
+    parser.add_argument(
+        "--stream",
+        type=bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Print the answer as it is generated.",
+    )
+    parser.add_argument(
+        "--device", type=str | None, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)"
+    )
     return parser
 
 
@@ -32,7 +56,9 @@ def run_inference(engine: ChatEngine, ns) -> None:
         terminal_chat(engine, stream=ns.stream)
 
 
-def inference_main(description: str, load: Callable, argv: list[str] | None = None, with_checkpoint: bool = True):
+def inference_main(
+    description: str, load: Callable, argv: list[str] | None = None, with_checkpoint: bool = True
+):
     parser = inference_parser(description, with_checkpoint)
     cfg, ns = parse_args(parser, argv)
     engine = load(cfg, ns.checkpoint, ns.device) if with_checkpoint else load(cfg, ns.device)

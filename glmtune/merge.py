@@ -1,0 +1,84 @@
+"""Fold a PEFT adapter into its base weights and write a complete, adapter-free model folder.
+
+LoRA adds `B @ A * scale` to each adapted weight; after merging, the network computes the same function
+with plain Linear layers, so the folder loads with `infer.py --model.path OUT` (or any ChatGLM / transformers
+loader) and needs neither PEFT nor the adapter. The folder also gets the tokenizer and a
+`hyperparameters.yaml` (method "full"), so `infer_finetuning.py --checkpoint OUT` reads it like a fully tuned
+result.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from glmtune.generation import ChatEngine
+from glmtune.inference import HPARAMS_FILE
+
+
+class MergeError(ValueError):
+    """The adapter cannot be merged into this base model as loaded."""
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the int8/int4 linears in `model` (the adapter cannot be added to packed integer weights)."""
+    from glmtune.models.quantization import QuantizedLinear
+
+    return [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """The base model with the adapter's update added to its weights (PEFT's merge_and_unload)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise MergeError(f"expected a PEFT model (base + adapter) to merge, got {type(model).__name__}")
+    quantized = quantized_layers(model)
+    if quantized:
+        bits = getattr(model.get_base_model().config, "quantization_bit", None)
+        raise MergeError(
+            f"the base model is quantized (model.quantization_bit {bits}; e.g. {quantized[0]}): an adapter "
+            "cannot be merged into int8/int4 weights. Merge into the unquantized weights instead "
+            "(model.quantization_bit 0, e.g. `--model.quantization_bit 0`), then quantize the merged model when "
+            "you load it."
+        )
+    family = getattr(model, "glmtune_family", None) or getattr(model.get_base_model(), "glmtune_family", "hf")
+    merged = model.merge_and_unload()
+    merged.glmtune_family = family
+    return merged
+
+
+def merged_run_config(run_config: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The adapter's run config, now describing a self-contained model folder (method "full", no tiny build)."""
+    config = {**run_config, "method": "full"}
+    config["model"] = {**run_config.get("model", {}), "path": str(out), "tiny": None, "quantization_bit": 0}
+    return config
+
+
+def merge_and_save(
+    engine: ChatEngine, out: str | os.PathLike, run_config: dict[str, Any] | None = None
+) -> Path:
+    """Merge `engine.model`'s adapter and write OUT: weights + config, tokenizer, hyperparameters.yaml.
+
+    ChatGLM models are written in the published layout (glmtune.models.loading.save_model), other models
+    with transformers' save_pretrained. `run_config` is the adapter's hyperparameters.yaml (as a dict); it is
+    written back with model.path = OUT and method "full". The engine's model is merged in place: do not use
+    it as base + adapter afterwards.
+    """
+    from glmtune.models.loading import save_model
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise MergeError(f"--merge {out}: folder exists and is not empty; choose a new folder")
+    merged = merge_adapter(engine.model)
+    save_model(merged, out)
+    engine.tokenizer.save_pretrained(str(out))
+    if run_config is not None:
+        config = merged_run_config(run_config, out)
+        (out / HPARAMS_FILE).write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    engine.model = merged
+    return out

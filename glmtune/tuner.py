@@ -1,0 +1,198 @@
+"""`glmtune.Tuner`: fine-tune, chat, score and merge from Python, in a few chained calls.
+
+    tuner = glmtune.Tuner()                         # the embedded tiny ChatGLM2, LoRA
+    metrics = tuner.load_data("data/train.json").tune(max_epochs=2)
+    response, history = tuner.chat("山间茶舍几点开门？")
+    scores = tuner.eval("data/dev.json")
+
+In the spirit of hcgf's `GlmLora(...).load_data(...).tune()`, but a thin facade: the arguments are the task
+config's keys (validated like the command line's), tuning is `glmtune.training.trainer.train`, and chat and
+scoring are the inference scripts' `ChatEngine` and `predict`. Whatever a Tuner does, the scripts do the same
+given the same config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from glmtune.config import ConfigError, TaskConfig, build_parser, namespace_to_task
+from glmtune.generation import ChatEngine, History
+
+PathLike = str | os.PathLike
+
+
+class Tuner:
+    """One model, its tuning method and data, and the model to chat with.
+
+    Args:
+        model_path: checkpoint folder; None keeps the config's `model.path` (by default the embedded tiny
+            ChatGLM2, built on first use). A path given here is used as is (no tiny model is built there).
+        method: full, freeze, ptv2, lora, adalora or ia3; None keeps the config's (lora by default).
+        config: a task YAML to start from instead of config/default.yaml.
+        device: where inference runs ("cpu", "cuda", "cuda:1"; default cpu). Training follows
+            `train.accelerator` / `train.devices`.
+        **overrides: config sections as dicts, e.g. `lora={"r": 16}`, `train={"output_dir": "output/mine"}`,
+            `generation={"max_new_tokens": 128}`. Unknown keys and wrong types raise ConfigError.
+    """
+
+    def __init__(
+        self,
+        model_path: PathLike | None = None,
+        method: str | None = None,
+        *,
+        config: PathLike | None = None,
+        device: str | None = None,
+        **overrides: dict[str, Any],
+    ) -> None:
+        self._parser = build_parser("glmtune.Tuner")
+        # The config is whatever these flags parse to, exactly as a script would parse its command line.
+        self._flags: list[str] = []
+        if config is not None:
+            if not Path(config).is_file():
+                raise ConfigError(f"config: file not found: {config}")
+            self._flags += ["--config", str(config)]
+        changes: dict[str, Any] = dict(overrides)
+        if method is not None:
+            changes["method"] = method
+        if model_path is not None:
+            changes["model"] = {"path": str(model_path), "tiny": None, **changes.get("model", {})}
+        self._update(changes)
+        self.device = device
+        self.artifact: Path | None = None  # the tuned (or loaded) result chat and eval use; None = base model
+        self.train_metrics: dict[str, float] = {}
+        self._engine: ChatEngine | None = None
+
+    # -- config ------------------------------------------------------------------------------------------
+
+    @property
+    def cfg(self) -> TaskConfig:
+        """The resolved task config (a copy: change it through the methods' arguments)."""
+        return copy.deepcopy(self._cfg)
+
+    def _parse(self, flags: list[str]):
+        from glmtune.config import _suggest
+
+        try:
+            return self._parser.parse_args(flags)
+        except Exception as err:  # jsonargparse reports bad keys / types as ArgumentError
+            raise ConfigError(_suggest(self._parser, str(err))) from err
+
+    def _update(self, changes: dict[str, Any]) -> None:
+        """Apply {section: {key: value}} (or {"method": name}); checked at once, so a bad key fails here."""
+        flags = []
+        for name, value in changes.items():
+            if isinstance(value, dict):
+                flags += [f"--{name}.{key}={_flag_value(v)}" for key, v in value.items()]
+            else:
+                flags.append(f"--{name}={_flag_value(value)}")
+        self._cfg = namespace_to_task(self._parse(self._flags + flags))
+        self._flags += flags
+
+    # -- tuning ------------------------------------------------------------------------------------------
+
+    def load_data(
+        self,
+        train_files: PathLike | Sequence[PathLike],
+        eval_files: PathLike | Sequence[PathLike] | None = None,
+        **data: Any,
+    ) -> Tuner:
+        """Data to tune on (any format of glmtune.data; a file or a list of files), optionally data to
+        evaluate on after each epoch, and other `data.*` keys (max_seq_length, format, template, ...)."""
+        self._update(
+            {"data": {**data, "train_files": _as_list(train_files), "eval_files": _as_list(eval_files)}}
+        )
+        return self
+
+    def tune(self, **train: Any) -> dict[str, float]:
+        """Train with `train.*` keys overridden (max_epochs, learning_rate, batch_size, output_dir, ...);
+        returns the final metrics (train_loss, val_loss where there is eval data). Chat and eval then use
+        the result, saved in <train.output_dir>/final."""
+        from glmtune.training.trainer import train as run_training
+
+        if train:
+            self._update({"train": train})
+        result = run_training(self.cfg)
+        self.artifact = result.artifact_dir
+        self.train_metrics = result.metrics
+        self._engine = None
+        return result.metrics
+
+    # -- using the model ---------------------------------------------------------------------------------
+
+    def load_pretrained(self, artifact_dir: PathLike) -> Tuner:
+        """Chat with / evaluate a saved result (an adapter, a P-Tuning v2 prefix or a full model folder):
+        the folder a run wrote as <train.output_dir>/final. Its base model comes from its hyperparameters.yaml."""
+        from glmtune.inference import load_artifact
+
+        path = Path(artifact_dir)
+        self._engine = load_artifact(self.cfg, path, self.device)
+        self.artifact = path
+        return self
+
+    @property
+    def engine(self) -> ChatEngine:
+        """The model chat and eval use: the tuned / loaded result, else the base model (loaded on first use)."""
+        if self._engine is None:
+            from glmtune.inference import load_artifact, load_base
+
+            cfg = self.cfg
+            self._engine = (
+                load_artifact(cfg, self.artifact, self.device)
+                if self.artifact
+                else load_base(cfg, self.device)
+            )
+        return self._engine
+
+    def chat(self, query: str, history: History | None = None, **generation: Any) -> tuple[str, History]:
+        """One answer; returns (response, history + [(query, response)]). `generation.*` keys override the
+        config for this call (max_new_tokens, do_sample, temperature, top_p, top_k, num_beams,
+        repetition_penalty, stop)."""
+        return self.engine.chat(query, history, **generation)
+
+    def eval(
+        self,
+        path: PathLike | None = None,
+        *,
+        out: PathLike | None = None,
+        limit: int | None = None,
+        batch_size: int = 8,
+        verbose: bool = False,
+    ) -> dict[str, Any]:
+        """Answer every turn of a data file (default: the one `data.eval_files` names) and score it:
+        samples, exact_match, and ROUGE-1/2/L and BLEU-4 (percent). `out` saves predictions as JSON lines."""
+        from glmtune.inference import predict
+
+        if path is None:
+            files = self.cfg.data.eval_files
+            if len(files) != 1:
+                raise ValueError(f"eval: pass a data file (data.eval_files holds {len(files)}: {files})")
+            path = files[0]
+        return predict(self.engine, path, out=out, limit=limit, batch_size=batch_size, show=verbose)
+
+    def merge(self, out: PathLike) -> Path:
+        """Fold the tuned adapter into the base weights and write a complete model folder (see glmtune.merge).
+        Chat goes on with the merged model."""
+        from glmtune.inference import read_run_config
+        from glmtune.merge import merge_and_save
+
+        if self.artifact is None:
+            raise ValueError("merge: nothing tuned or loaded yet (call tune() or load_pretrained() first)")
+        return merge_and_save(self.engine, out, run_config=read_run_config(self.artifact))
+
+
+def _flag_value(value: Any) -> str:
+    """A Python value as the command line spells it: strings as they are, the rest as JSON (lists, null)."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _as_list(files: PathLike | Sequence[PathLike] | None) -> list[str]:
+    if files is None:
+        return []
+    if isinstance(files, str | os.PathLike):
+        return [str(files)]
+    return [str(f) for f in files]
