@@ -49,7 +49,7 @@ OnError = Literal["raise", "skip"]
 Sample = tuple[list[int], list[int]]
 
 IGNORE_INDEX = -100
-BUILD_VERSION = 1  # bump when the records a given key produces change
+BUILD_VERSION = 2  # bump when the records a given key produces change (2: "chatglm3" is the chat format)
 PLAIN_FIELDS = ("input_ids", "labels")
 PACKED_FIELDS = ("input_ids", "labels", "position_ids", "seq_ids")
 
@@ -62,7 +62,8 @@ class Template(Protocol):
     token ids on the answer and its end-of-answer token. Optional extras, looked up with getattr:
 
     - `build_dialogue_sample(turns) -> (input_ids, labels)`: one sample supervising every answer
-      (needed for multi_turn="dialogue").
+      (needed for multi_turn="dialogue"), and `dialogue_unsupported: str | None`, the reason a template
+      that has the method cannot use it (ChatGLM-6B: its prompt is read bidirectionally).
     - a `system` keyword argument on either method: the system prompt. Without it the system prompt is put
       before the first query, separated by a newline.
     - `name: str` (or `fingerprint`): identifies the prompt format in the records' cache key.
@@ -204,11 +205,15 @@ def fit_length(ids: Sequence[int], labels: Sequence[int], s: LengthSettings) -> 
     """Make one sample fit `s.max_seq_length`: (samples, outcome) with outcome "ok", "truncated", "split"
     (slide made several windows) or "dropped" (also for a sample with no supervised token)."""
     ids, labels = list(ids), list(labels)
+    cap = s.max_target_length
+    if cap is None and len(ids) <= s.max_seq_length:  # the common case, without the span analysis
+        if labels.count(IGNORE_INDEX) == len(labels):
+            return [], "dropped"
+        return [(ids, labels)], "ok"
     spans = supervised_spans(labels)
     if not spans:
         return [], "dropped"
     outcome = "ok"
-    cap = s.max_target_length
     if cap is not None and any(end - start > cap for start, end in spans):
         # Each answer keeps its first cap-1 tokens and its last (end-of-answer) token.
         drop = set()
@@ -343,15 +348,40 @@ def _init_worker(
 
 @dataclass
 class _ChunkResult:
-    samples: list[tuple[str, np.ndarray, np.ndarray]]
+    """The samples of a chunk of dialogues, in order, as the records store them: one int32 buffer where sample
+    k is `sizes[k]` input ids then as many labels, for split `splits[k]`. One buffer keeps the hand-over
+    between processes and the writing cheap."""
+
+    flat: np.ndarray
+    sizes: np.ndarray
+    splits: list[str]
     counts: Counter
-    lengths: list[int]
+    lengths: list[int]  # lengths as built, before fitting (for the report's percentiles)
     dialogues: int
+
+    def samples(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(split, [ids..., labels...]) per sample."""
+        offset = 0
+        for split, n in zip(self.splits, self.sizes.tolist()):
+            yield split, self.flat[offset : offset + 2 * n]
+            offset += 2 * n
+
+    def by_split(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """(split, flat, sizes) with the samples of each split, in order."""
+        names = list(dict.fromkeys(self.splits))
+        if len(names) == 1:
+            yield names[0], self.flat, self.sizes
+            return
+        for name in names:
+            chosen = np.array([split == name for split in self.splits])
+            yield name, self.flat[np.repeat(chosen, 2 * self.sizes)], self.sizes[chosen]
 
 
 def _process_chunk(chunk: list[tuple[str, Dialogue]]) -> _ChunkResult:
     template, settings, multi_turn = _WORKER["template"], _WORKER["settings"], _WORKER["multi_turn"]
-    samples: list[tuple[str, np.ndarray, np.ndarray]] = []
+    flat: list[int] = []
+    sizes: list[int] = []
+    splits: list[str] = []
     counts: Counter = Counter()
     lengths: list[int] = []
     for split, dialogue in chunk:
@@ -367,8 +397,13 @@ def _process_chunk(chunk: list[tuple[str, Dialogue]]) -> _ChunkResult:
             if outcome == "split":
                 counts["windows"] += len(fitted)
             for fitted_ids, fitted_labels in fitted:
-                samples.append((split, np.asarray(fitted_ids, np.int32), np.asarray(fitted_labels, np.int32)))
-    return _ChunkResult(samples, counts, lengths, len(chunk))
+                flat += fitted_ids
+                flat += fitted_labels
+                sizes.append(len(fitted_ids))
+                splits.append(split)
+    return _ChunkResult(
+        np.array(flat, np.int32), np.array(sizes, np.int64), splits, counts, lengths, len(chunk)
+    )
 
 
 def _ordered_map(fn: Callable, items: Iterable, num_workers: int, initargs: tuple) -> Iterator:
@@ -621,6 +656,11 @@ def build_records(
             f"multi_turn='dialogue' needs a template with build_dialogue_sample(); "
             f"{template_name(template)} has none (use multi_turn='per_turn')"
         )
+    if multi_turn == "dialogue" and getattr(template, "dialogue_unsupported", None):
+        raise ValueError(
+            f"multi_turn='dialogue' is not possible with template {template_name(template)}: "
+            f"{template.dialogue_unsupported}"
+        )
     lengths = LengthSettings(
         max_seq_length=max_seq_length,
         strategy=strategy,
@@ -802,9 +842,6 @@ def _build_into(
                     else:
                         yield split, item
 
-        def write(split: str, record: dict[str, np.ndarray]) -> None:
-            writers[split].write(record)
-
         length_counts = np.zeros(1024, np.int64)
         counts: Counter = Counter()
         initargs = (template, template_factory, lengths, multi_turn)
@@ -814,21 +851,26 @@ def _build_into(
                 _process_chunk, _chunks(dialogues(), chunk_size), num_workers, initargs
             ):
                 counts.update(result.counts)
-                for n in result.lengths:
-                    if n >= len(length_counts):
-                        length_counts = np.concatenate([length_counts, np.zeros(n + 1, np.int64)])
-                    length_counts[n] += 1
-                for split, ids, labels in result.samples:
-                    report.samples_written += 1
-                    if packing:
-                        for record in packers[split].add(ids, labels):
-                            write(split, record)
+                if result.lengths:
+                    chunk_counts = np.bincount(result.lengths)
+                    if len(chunk_counts) > len(length_counts):
+                        chunk_counts[: len(length_counts)] += length_counts
+                        length_counts = chunk_counts
                     else:
-                        write(split, {"input_ids": ids, "labels": labels})
+                        length_counts[: len(chunk_counts)] += chunk_counts
+                report.samples_written += len(result.sizes)
+                if packing:
+                    for split, flat in result.samples():
+                        n = len(flat) // 2
+                        for record in packers[split].add(flat[:n], flat[n:]):
+                            writers[split].write(record)
+                else:
+                    for split, flat, sizes in result.by_split():
+                        writers[split].write_many(flat, sizes)
                 bar.update(result.dialogues)
         for split, packer in packers.items():
             for record in packer.flush():
-                write(split, record)
+                writers[split].write(record)
         for writer in writers.values():
             writer.close()
     except BaseException:

@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from glmtune.config import TaskConfig, check_data_files, resolve_path
+from glmtune.config import ConfigError, TaskConfig, check_data_files, resolve_path
 from glmtune.data.build import BuildReport, build_records
 
 TOKENIZER_FILES = (
@@ -22,6 +22,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
+# "chatglm3" is ChatGLM3's chat format (role tokens), so training sees the prompts chat() builds.
 FAMILY_TEMPLATES = {"chatglm": "chatglm", "chatglm2": "chatglm2", "chatglm3": "chatglm3"}
 
 
@@ -47,10 +48,17 @@ def model_family(cfg: TaskConfig) -> str:
 
 
 def template_name(cfg: TaskConfig, family: str) -> str:
+    from glmtune.tokenizers.prompts import TEMPLATES
+
     if cfg.data.template != "auto":
+        if cfg.data.template not in TEMPLATES:
+            raise ConfigError(
+                f"data.template: unknown template {cfg.data.template!r}; "
+                f"choose auto or one of {', '.join(TEMPLATES)}"
+            )
         return cfg.data.template
     if family not in FAMILY_TEMPLATES:
-        raise ValueError("data.template: choose one (llama2, chatml, alpaca) for a non-ChatGLM model")
+        raise ConfigError("data.template: choose one (llama2, chatml, alpaca) for a non-ChatGLM model")
     return FAMILY_TEMPLATES[family]
 
 
@@ -74,7 +82,6 @@ def tokenizer_fingerprint(model_path: Path) -> str:
 
 def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = True) -> PreparedData:
     """Build (or reuse, when the cache key matches) the records `cfg` asks for."""
-    from glmtune.models.loading import load_tokenizer
     from glmtune.models.tiny import ensure_model
 
     train_files = check_data_files(cfg.data.train_files, "data.train_files")
@@ -83,10 +90,17 @@ def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = Tr
     family = model_family(cfg)
     name = template_name(cfg, family)
     d = cfg.data
+    factory = functools.partial(make_template, str(model_path), family, name)
+    template = factory()
+    if d.multi_turn == "dialogue" and template.dialogue_unsupported:
+        raise ConfigError(
+            f"data.multi_turn: dialogue is not possible with template {name!r}: "
+            f"{template.dialogue_unsupported}"
+        )
     report = build_records(
         [str(f) for f in train_files],
         out_dir=d.output_dir,
-        template_factory=functools.partial(make_template, str(model_path), family, name),
+        template_factory=factory,
         tokenizer_fingerprint=f"{name}:{tokenizer_fingerprint(model_path)}",
         format=d.format,
         max_seq_length=d.max_seq_length,
@@ -94,6 +108,7 @@ def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = Tr
         strategy=d.strategy,
         stride=d.stride,
         ensure_answer_min_length=d.ensure_answer_min_length,
+        truncate_side=d.truncate_side,
         multi_turn=d.multi_turn,
         packing=d.packing,
         backend=d.backend,
@@ -102,9 +117,8 @@ def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = Tr
         seed=d.seed,
         on_error=d.on_error,
         eval_files=[str(f) for f in eval_files] or None,
+        eval_ratio=d.eval_ratio,
         force=force,
         progress=progress,
     )
-    return PreparedData(
-        tokenizer=load_tokenizer(model_path, family=family), template_name=name, report=report
-    )
+    return PreparedData(tokenizer=template.tokenizer, template_name=name, report=report)

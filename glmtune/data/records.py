@@ -60,9 +60,35 @@ class RecordWriter:
 
     def write(self, record: Mapping[str, Any]) -> None:
         flat, n = _pack(record, self.fields)
+        self.write_flat(flat, n)
+
+    def write_flat(self, flat: np.ndarray, n: int) -> None:
+        """Write a record given as its stored form: the `fields` of `n` tokens each, concatenated (int32)."""
+        if flat.dtype != DTYPE or flat.ndim != 1 or len(flat) != n * len(self.fields):
+            raise ValueError(
+                f"a flat record must be 1-D int32 of {len(self.fields)} x {n} values, "
+                f"got {flat.dtype} {flat.shape}"
+            )
         self._write(flat, n)
         self.num_records += 1
         self.num_tokens += n
+
+    def write_many(self, flat: np.ndarray, sizes: np.ndarray) -> None:
+        """Write records given back to back in their stored form: record i is the `fields` of `sizes[i]` tokens
+        each, concatenated, and `flat` holds them all in order (int32)."""
+        sizes = np.asarray(sizes, np.int64)
+        total = int(sizes.sum()) * len(self.fields)
+        if flat.dtype != DTYPE or flat.ndim != 1 or len(flat) != total:
+            raise ValueError(
+                f"records of {sizes.sum()} tokens in {len(self.fields)} fields need 1-D int32 of {total} "
+                f"values, got {flat.dtype} {flat.shape}"
+            )
+        self._write_many(flat, sizes)
+
+    def _write_many(self, flat: np.ndarray, sizes: np.ndarray) -> None:
+        ends = np.cumsum(sizes * len(self.fields))
+        for n, start, end in zip(sizes.tolist(), (ends - sizes * len(self.fields)).tolist(), ends.tolist()):
+            self.write_flat(flat[start:end], n)
 
     def _write(self, flat: np.ndarray, n: int) -> None:
         raise NotImplementedError
@@ -114,6 +140,14 @@ class FlatRecordWriter(RecordWriter):
         self._data.write(flat.tobytes())
         self._offset += len(flat)
         self._index.write(np.int64(self._offset).tobytes())
+
+    def _write_many(self, flat: np.ndarray, sizes: np.ndarray) -> None:
+        # One write for the data and one for the index, whatever the number of records.
+        self._data.write(flat.tobytes())
+        self._index.write((self._offset + np.cumsum(sizes * len(self.fields))).astype(np.int64).tobytes())
+        self._offset += len(flat)
+        self.num_records += len(sizes)
+        self.num_tokens += int(sizes.sum())
 
     def _finish(self) -> None:
         for f in (self._data, self._index):

@@ -6,14 +6,18 @@ A template wraps a tokenizer and knows:
   builds it (`ChatPrompt.text`, None where the format only exists as ids, and `ChatPrompt.input_ids`);
 - `build_train_sample(query, response, history, system)`: `(input_ids, labels)` with -100 on the prompt, as the
   published fine-tuning scripts build them;
+- `build_dialogue_sample(turns, system)`: one sample for a whole dialogue with every answer supervised; its
+  ids are the chat prompt of the last turn (earlier turns as history) followed by the last answer, so training
+  sees exactly what chat() will show the model (see `ChatTemplate.build_dialogue_sample` for what is
+  supervised);
 - `stop_token_ids`: the ids that end an answer;
 - `protected_head` / `protected_tail`: how many prompt tokens at the start / end are structural (`[gMASK] sop`,
   bos, ...) and must survive truncation.
 
-ChatGLM templates ("chatglm", "chatglm2", "chatglm3") reproduce THUDM's code token for token; "llama2", "chatml"
-and "alpaca" work with any transformers tokenizer. `history` is a list of (query, response) pairs or of
-`{"role", "content"}` messages. Formats without a system slot (ChatGLM-6B, ChatGLM2) put `system` before the
-first query, on its own line.
+ChatGLM templates ("chatglm", "chatglm2", "chatglm3", "chatglm3_plain") reproduce THUDM's code token for
+token; "llama2", "chatml" and "alpaca" work with any transformers tokenizer. `history` is a list of (query,
+response) pairs or of `{"role", "content"}` messages. Formats without a system slot (ChatGLM-6B, ChatGLM2)
+put `system` before the first query, on its own line.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 IGNORE_INDEX = -100
 
 History = Sequence[Sequence[str] | Mapping[str, Any]]
+Parts = list[tuple[str, bool]]  # prompt text in pieces; True marks an (earlier) answer to supervise
 
 
 class ChatPrompt(NamedTuple):
@@ -84,23 +89,103 @@ def special_token_counts(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     return i, len(ids) - i - 1
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    if len(a) <= len(b) and b[: len(a)] == a:
+        return len(a)
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class SentencePieceIds:
+    """`tokenizer.encode(text, add_special_tokens=False)` of the ChatGLM2/3 tokenizer, by SentencePiece itself.
+
+    transformers' slow path turns every piece into a string and back through Python dicts, which costs ~10x
+    SentencePiece's own encode; the ids are the same as long as command tokens in the text stay plain text
+    (`encode_special_tokens` off) and nothing was added to the vocabulary, so each call checks that and falls
+    back to the tokenizer otherwise.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.safe_count = len(tokenizer._added_tokens_encoder) if self.added_are_safe() else -1
+
+    def added_are_safe(self) -> bool:
+        """The added tokens are the command tokens (ids past SentencePiece's, none of them a piece of it)."""
+        sp = self.tokenizer.sp_model
+        unk = sp.unk_id()
+        return all(
+            i < self.tokenizer.vocab_size and (i < sp.vocab_size() or sp.piece_to_id(t) == unk)
+            for t, i in self.tokenizer._added_tokens_encoder.items()
+        )
+
+    def __call__(self, text: str) -> list[int]:
+        tokenizer = self.tokenizer
+        # A token added since (or encode_special_tokens switched on) changes the ids: ask the tokenizer.
+        if len(tokenizer._added_tokens_encoder) == self.safe_count and tokenizer.split_special_tokens:
+            return tokenizer.sp_model.encode(text)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    @classmethod
+    def applies_to(cls, tokenizer: Any) -> bool:
+        from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer
+
+        kind = type(tokenizer)
+        return (
+            isinstance(tokenizer, ChatGLM2Tokenizer)
+            and kind.tokenize is ChatGLM2Tokenizer.tokenize
+            and kind._tokenize is ChatGLM2Tokenizer._tokenize
+            and kind._convert_token_to_id is ChatGLM2Tokenizer._convert_token_to_id
+            and kind.prepare_for_tokenization is ChatGLM2Tokenizer.prepare_for_tokenization
+            and kind.build_inputs_with_special_tokens is ChatGLM2Tokenizer.build_inputs_with_special_tokens
+        )
+
+
 class ChatTemplate:
-    """A chat format bound to a tokenizer. Subclasses define `build_chat_prompt` and, where needed, the rest."""
+    """A chat format bound to a tokenizer. Subclasses define `build_chat_prompt`, `labelled_prompt` and, where
+    needed, the rest.
+
+    `dialogue_unsupported`: why this format cannot supervise the answers inside a prompt (then
+    `build_dialogue_sample` raises ValueError with it), or None.
+    """
 
     name: ClassVar[str]
     protected_head: int = 0
     protected_tail: int = 0
+    dialogue_unsupported: str | None = None
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
+        self._fast = SentencePieceIds(tokenizer) if SentencePieceIds.applies_to(tokenizer) else None
+        self.special_head = special_token_counts(tokenizer)[0]
+        if self._fast is not None:  # ChatGLM2/3: `[gMASK] sop` before every text, whatever the text
+            self._prefix = tokenizer.build_inputs_with_special_tokens([])
 
     def encode(self, text: str) -> list[int]:
         """Ids of plain text, no special tokens added."""
+        if self._fast is not None:
+            return self._fast(text)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """`tokenizer.encode(text)`: the text with the tokenizer's special tokens (bos, `[gMASK] sop`...)."""
+        if self._fast is not None:
+            return self._prefix + self.encode(text)
+        return self.tokenizer.encode(text, add_special_tokens=True)
 
     def build_chat_prompt(
         self, query: str, history: History | None = None, system: str | None = None
     ) -> ChatPrompt:
+        raise NotImplementedError
+
+    def labelled_prompt(
+        self, query: str, history: History | None = None, system: str | None = None
+    ) -> TrainSample:
+        """`build_chat_prompt(query, history, system).input_ids`, labelled: the ids of every answer in
+        `history` (and of the token that ends it, where the format has one in the prompt), -100 elsewhere."""
         raise NotImplementedError
 
     def build_train_sample(
@@ -116,6 +201,34 @@ class ChatTemplate:
         prompt = self.build_chat_prompt(query, history, system).input_ids
         eos = self.tokenizer.eos_token_id
         return self.sample(prompt, self.encode(response), eos, max_source_length, max_target_length)
+
+    def build_dialogue_sample(self, turns: History, system: str | None = None) -> TrainSample:
+        """One sample for a whole dialogue (a list of (query, answer) turns, or user/assistant messages).
+
+        The ids are `build_train_sample(last query, last answer, history=the earlier turns)`: the chat prompt
+        of the last turn, then the last answer and its end token. The labels supervise the last answer as that
+        sample does, and also every earlier answer where it sits in the prompt, with the token that ends it
+        when the format writes one into the prompt (ChatGLM3: the next role token, as THUDM's ChatGLM3
+        fine-tuning does; LLaMA-2: `</s>`; ChatML: `<|im_end|>`). Formats whose history has no end token
+        (ChatGLM2, Alpaca, ChatGLM3 plain) supervise the earlier answers' text only: the separator after them
+        is template text, not something the model says.
+        """
+        if self.dialogue_unsupported:
+            raise ValueError(
+                f"template {self.name!r} cannot build dialogue samples: {self.dialogue_unsupported}"
+            )
+        pairs = as_pairs(turns)
+        if not pairs:
+            raise ValueError("a dialogue needs at least one (query, answer) turn")
+        *history, (query, response) = pairs
+        prompt = self.labelled_prompt(query, history, system)
+        sample = self.build_train_sample(query, response, history, system)
+        n = len(prompt.input_ids)
+        if sample.input_ids[:n] != prompt.input_ids:  # would be a bug in this module, not in the data
+            raise RuntimeError(
+                f"template {self.name!r}: the dialogue sample does not start with the chat prompt"
+            )
+        return TrainSample(sample.input_ids, prompt.labels + sample.labels[n:])
 
     def sample(
         self,
@@ -135,37 +248,95 @@ class ChatTemplate:
         target_ids = target_ids + ([eos_id] if eos_id is not None else [])
         return TrainSample(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids)
 
+    def labelled_text(self, parts: Parts, special_tokens: bool) -> TrainSample:
+        """The ids of `"".join(parts)` (with the tokenizer's special tokens when asked), labelled on the
+        tokens that carry the parts flagged True.
+
+        The text is encoded whole, exactly as the chat prompt is, so the answer tokens are found afterwards:
+        the answer spans the tokens between the encodings of the text before it and of the text up to its end.
+        A token that straddles a boundary (a merge across it) carries answer text and is supervised.
+        """
+        text = "".join(t for t, _ in parts)
+        body = self.encode(text)
+        ids = self.encode_with_special_tokens(text) if special_tokens else body
+        head = self.special_head if special_tokens else 0
+        if ids[head : head + len(body)] != body:
+            raise RuntimeError(
+                f"template {self.name!r}: cannot find the text's tokens between the special tokens of "
+                f"{type(self.tokenizer).__name__}"
+            )
+        labels = [IGNORE_INDEX] * len(ids)
+        end = 0
+        for part, supervised in parts:
+            start, end = end, end + len(part)
+            if not (supervised and part):
+                continue
+            first = _common_prefix(self.encode(text[:start]), body) if start else 0
+            upto = self.encode(text[:end])
+            last = _common_prefix(upto, body)
+            if last < len(upto):  # body[last] crosses the answer's end: it carries answer text too
+                last += 1
+            last = max(first, min(last, len(body)))
+            labels[head + first : head + last] = body[first:last]
+        return TrainSample(ids, labels)
+
     @property
     def stop_token_ids(self) -> list[int]:
         eos = self.tokenizer.eos_token_id
         return [eos] if eos is not None else []
 
 
-# --- ChatGLM ------------------------------------------------------------------------------------------------
+class TextTemplate(ChatTemplate):
+    """A format that is one text: `prompt_parts` gives it in pieces, answers of the history flagged."""
 
+    special_tokens: ClassVar[bool] = True  # encode the prompt with the tokenizer's special tokens
 
-class ChatGLMTemplate(ChatTemplate):
-    """ChatGLM-6B: `[Round i]\\n问：...\\n答：...\\n` from round 0; a first question goes in bare.
-
-    Samples are `prompt [gMASK] <sop> response <eop>`; <sop> is already supervised, so the prompt ends with
-    the one protected token `[gMASK]`.
-    """
-
-    name = "chatglm"
-    protected_tail = 1
+    def prompt_parts(self, query: str, history: History | None = None, system: str | None = None) -> Parts:
+        raise NotImplementedError
 
     def prompt_text(self, query: str, history: History | None = None, system: str | None = None) -> str:
-        query, pairs = system_in_first_query(query, history, system)
-        if not pairs:
-            return query
-        prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(pairs))
-        return prompt + f"[Round {len(pairs)}]\n问：{query}\n答："
+        return "".join(t for t, _ in self.prompt_parts(query, history, system))
 
     def build_chat_prompt(
         self, query: str, history: History | None = None, system: str | None = None
     ) -> ChatPrompt:
         text = self.prompt_text(query, history, system)
-        return ChatPrompt(text, self.tokenizer.encode(text))  # text [gMASK] <sop>
+        ids = self.encode_with_special_tokens(text) if self.special_tokens else self.encode(text)
+        return ChatPrompt(text, ids)
+
+    def labelled_prompt(
+        self, query: str, history: History | None = None, system: str | None = None
+    ) -> TrainSample:
+        return self.labelled_text(self.prompt_parts(query, history, system), self.special_tokens)
+
+
+# --- ChatGLM ------------------------------------------------------------------------------------------------
+
+
+class ChatGLMTemplate(TextTemplate):
+    """ChatGLM-6B: `[Round i]\\n问：...\\n答：...\\n` from round 0; a first question goes in bare.
+
+    Samples are `prompt [gMASK] <sop> response <eop>`; <sop> is already supervised, so the prompt ends with
+    the one protected token `[gMASK]`. No dialogue samples: see `dialogue_unsupported`.
+    """
+
+    name = "chatglm"
+    protected_tail = 1
+    dialogue_unsupported = (
+        "ChatGLM-6B reads its prompt (everything before [gMASK] <sop>, earlier rounds included) "
+        "bidirectionally, so the earlier answers in it cannot be next-token targets; use "
+        "multi_turn='per_turn' (one sample per round with the earlier rounds as context, as the published "
+        "ChatGLM-6B fine-tuning does), which supervises every answer"
+    )
+
+    def prompt_parts(self, query: str, history: History | None = None, system: str | None = None) -> Parts:
+        query, pairs = system_in_first_query(query, history, system)
+        if not pairs:
+            return [(query, False)]  # text [gMASK] <sop>
+        parts: Parts = []
+        for i, (q, r) in enumerate(pairs):
+            parts += [(f"[Round {i}]\n问：{q}\n答：", False), (r, True), ("\n", False)]
+        return parts + [(f"[Round {len(pairs)}]\n问：{query}\n答：", False)]
 
     def build_train_sample(
         self,
@@ -191,41 +362,42 @@ class ChatGLMTemplate(ChatTemplate):
         return TrainSample(input_ids, [IGNORE_INDEX] * context_length + input_ids[context_length:])
 
 
-class ChatGLM2Template(ChatTemplate):
+class ChatGLM2Template(TextTemplate):
     """ChatGLM2-6B: `[Round i]\\n\\n问：...\\n\\n答：...\\n\\n` from round 1, always wrapped; `[gMASK] sop` first."""
 
     name = "chatglm2"
     protected_head = 2
 
-    def prompt_text(self, query: str, history: History | None = None, system: str | None = None) -> str:
+    def prompt_parts(self, query: str, history: History | None = None, system: str | None = None) -> Parts:
         query, pairs = system_in_first_query(query, history, system)
-        prompt = "".join(f"[Round {i + 1}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(pairs))
-        return prompt + f"[Round {len(pairs) + 1}]\n\n问：{query}\n\n答："
-
-    def build_chat_prompt(
-        self, query: str, history: History | None = None, system: str | None = None
-    ) -> ChatPrompt:
-        text = self.prompt_text(query, history, system)
-        return ChatPrompt(text, self.tokenizer.encode(text))  # [gMASK] sop text
+        parts: Parts = []
+        for i, (q, r) in enumerate(pairs):
+            parts += [(f"[Round {i + 1}]\n\n问：{q}\n\n答：", False), (r, True), ("\n\n", False)]
+        return parts + [(f"[Round {len(pairs) + 1}]\n\n问：{query}\n\n答：", False)]
 
 
 class ChatGLM3Template(ChatTemplate):
-    """ChatGLM3-6B: role tokens, each followed by a metadata line (`<|user|>\\n...<|assistant|>`).
+    """ChatGLM3-6B chat format: role tokens, each followed by a metadata line (`<|user|>\\n...<|assistant|>`).
 
-    Chat prompts are the published `build_chat_input` (a `system` becomes a system message). Training samples,
-    by default, are the plain format of the reference data: `[gMASK] sop` + query ids + response ids + eos
-    (history turns, if any, as their query and response ids in order; `system` before the first query).
-    `chat_format=True` trains in the chat format instead: the chat prompt, then the metadata line `\\n`, the
-    response and eos as targets, so that training matches `build_chat_prompt`.
+    Chat prompts are the published `build_chat_input` (a `system` becomes a system message). Training
+    samples are the chat prompt, then the metadata line `\\n`, the response and eos as targets, so that
+    training matches what `chat()` shows the model. Dialogue samples supervise each earlier assistant message
+    (metadata line and content) and the role token after it, as THUDM's ChatGLM3 multi-turn fine-tuning does.
+    For the plain format of the reference fine-tuning data (no role tokens), use "chatglm3_plain".
     """
 
     name = "chatglm3"
+    chat_format: ClassVar[bool] = True
     protected_head = 2
+    protected_tail = 1  # the final <|assistant|>
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_format: bool = False) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_format: bool | None = None) -> None:
+        if chat_format is not None and chat_format != self.chat_format:
+            other = "chatglm3" if chat_format else "chatglm3_plain"
+            raise ValueError(
+                f"template {self.name!r} has chat_format={self.chat_format}; use template {other!r}"
+            )
         super().__init__(tokenizer)
-        self.chat_format = chat_format
-        self.protected_tail = 1 if chat_format else 0  # the final <|assistant|>
 
     @staticmethod
     def messages(history: History | None, system: str | None = None) -> list[Mapping[str, Any]]:
@@ -241,8 +413,24 @@ class ChatGLM3Template(ChatTemplate):
     def build_chat_prompt(
         self, query: str, history: History | None = None, system: str | None = None
     ) -> ChatPrompt:
-        batch = self.tokenizer.build_chat_input(query, history=self.messages(history, system))
-        return ChatPrompt(None, [int(i) for i in batch["input_ids"][0]])
+        # build_chat_ids: the ids of the published build_chat_input, without making a tensor batch of them
+        return ChatPrompt(None, self.tokenizer.build_chat_ids(query, history=self.messages(history, system)))
+
+    def labelled_prompt(
+        self, query: str, history: History | None = None, system: str | None = None
+    ) -> TrainSample:
+        ids = self.build_chat_prompt(query, history, system).input_ids
+        roles = {
+            self.tokenizer.get_command(f"<|{r}|>") for r in ("system", "user", "assistant", "observation")
+        }
+        assistant = self.tokenizer.get_command("<|assistant|>")
+        labels = [IGNORE_INDEX] * len(ids)
+        # Content is never encoded to a role token, so role tokens delimit the messages exactly.
+        starts = [i for i, t in enumerate(ids) if t in roles]
+        for start, end in zip(starts, starts[1:]):
+            if ids[start] == assistant:  # metadata line + content, and the next role token that ends it
+                labels[start + 1 : end + 1] = ids[start + 1 : end + 1]
+        return TrainSample(ids, labels)
 
     def build_train_sample(
         self,
@@ -253,15 +441,9 @@ class ChatGLM3Template(ChatTemplate):
         max_source_length: int | None = None,
         max_target_length: int | None = None,
     ) -> TrainSample:
-        eos = self.tokenizer.eos_token_id
-        if self.chat_format:
-            prompt = self.build_chat_prompt(query, history, system).input_ids
-            target = self.encode("\n") + self.encode(response)  # metadata line (empty) + content
-            return self.sample(prompt, target, eos, max_source_length, max_target_length)
-        query, pairs = system_in_first_query(query, history, system)
-        prompt = [i for q, r in pairs for i in self.encode(q) + self.encode(r)] + self.encode(query)
-        prompt = self.tokenizer.build_inputs_with_special_tokens(prompt)  # [gMASK] sop ...
-        return self.sample(prompt, self.encode(response), eos, max_source_length, max_target_length)
+        prompt = self.build_chat_prompt(query, history, system).input_ids
+        target = self.encode("\n") + self.encode(response)  # metadata line (empty) + content
+        return self.sample(prompt, target, self.tokenizer.eos_token_id, max_source_length, max_target_length)
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -271,11 +453,61 @@ class ChatGLM3Template(ChatTemplate):
         return [i for i in ids if i is not None]
 
 
+class ChatGLM3PlainTemplate(ChatGLM3Template):
+    """ChatGLM3-6B, plain format of the reference fine-tuning data: `[gMASK] sop` + query + response + eos.
+
+    History turns, if any, come first as their query and response ids in order; `system` goes before the
+    first query. This is the `train_sample` of tokenizer_golden.json. Its chat prompt is the same plain
+    prefix, so a model tuned with it should be prompted with this template too: the published `chat()` uses
+    role tokens (template "chatglm3").
+    """
+
+    name = "chatglm3_plain"
+    chat_format = False
+    protected_tail = 0
+
+    def labelled_prompt(
+        self, query: str, history: History | None = None, system: str | None = None
+    ) -> TrainSample:
+        query, pairs = system_in_first_query(query, history, system)
+        ids: list[int] = []
+        labels: list[int] = []
+        for q, r in pairs:
+            q_ids, r_ids = self.encode(q), self.encode(r)
+            ids += q_ids + r_ids
+            labels += [IGNORE_INDEX] * len(q_ids) + r_ids
+        q_ids = self.encode(query)
+        full = self.tokenizer.build_inputs_with_special_tokens(ids + q_ids)  # [gMASK] sop ...
+        head = len(full) - len(ids) - len(q_ids)
+        return TrainSample(full, [IGNORE_INDEX] * head + labels + [IGNORE_INDEX] * len(q_ids))
+
+    def build_chat_prompt(
+        self, query: str, history: History | None = None, system: str | None = None
+    ) -> ChatPrompt:
+        return ChatPrompt(None, self.labelled_prompt(query, history, system).input_ids)
+
+    def build_train_sample(
+        self,
+        query: str,
+        response: str,
+        history: History | None = None,
+        system: str | None = None,
+        max_source_length: int | None = None,
+        max_target_length: int | None = None,
+    ) -> TrainSample:
+        prompt = self.build_chat_prompt(query, history, system).input_ids
+        eos = self.tokenizer.eos_token_id
+        return self.sample(prompt, self.encode(response), eos, max_source_length, max_target_length)
+
+
 # --- other models --------------------------------------------------------------------------------------------
 
 
 class Llama2Template(ChatTemplate):
-    """LLaMA-2 chat (Meta's `chat_completion`): `<s>[INST] q [/INST] a </s>` per turn, `<<SYS>>` in the first."""
+    """LLaMA-2 chat (Meta's `chat_completion`): `<s>[INST] q [/INST] a </s>` per turn, `<<SYS>>` in the first.
+
+    Each turn is encoded on its own, between bos and eos, as Meta's code does.
+    """
 
     name = "llama2"
 
@@ -284,27 +516,51 @@ class Llama2Template(ChatTemplate):
         self.system = system
         self.protected_head = 1 if tokenizer.bos_token_id is not None else 0
 
-    def build_chat_prompt(
-        self, query: str, history: History | None = None, system: str | None = None
-    ) -> ChatPrompt:
+    def turns(self, query: str, history: History | None, system: str | None) -> list[tuple[str, Parts]]:
+        """Each turn as (text, parts): `[INST] q [/INST] a ` (answer flagged); the last `[INST] q [/INST]`."""
         system = system or self.system
-        bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
-        bos_ids = [self.tokenizer.bos_token_id] if bos is not None else []
-        eos_ids = [self.tokenizer.eos_token_id] if eos is not None else []
-        text, ids = "", []
-        turns: list[tuple[str, str | None]] = [*as_pairs(history), (query, None)]
-        for i, (q, a) in enumerate(turns):
+        out = []
+        pairs: list[tuple[str, str | None]] = [*as_pairs(history), (query, None)]
+        for i, (q, a) in enumerate(pairs):
             if i == 0 and system:
                 q = f"<<SYS>>\n{system}\n<</SYS>>\n\n{q}"
             if a is None:
-                segment = f"[INST] {q.strip()} [/INST]"
-                text += (bos or "") + segment
-                ids += bos_ids + self.encode(segment)
+                parts: Parts = [(f"[INST] {q.strip()} [/INST]", False)]
             else:
-                segment = f"[INST] {q.strip()} [/INST] {a.strip()} "
-                text += (bos or "") + segment + (eos or "")
-                ids += bos_ids + self.encode(segment) + eos_ids
-        return ChatPrompt(text, ids)
+                parts = [(f"[INST] {q.strip()} [/INST] ", False), (a.strip(), True), (" ", False)]
+            out.append(("".join(t for t, _ in parts), parts))
+        return out
+
+    def build(
+        self, query: str, history: History | None, system: str | None, labelled: bool
+    ) -> tuple[str, TrainSample]:
+        bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
+        bos_ids = [self.tokenizer.bos_token_id] if bos is not None else []
+        eos_ids = [self.tokenizer.eos_token_id] if eos is not None else []
+        text, ids, labels = "", [], []
+        turns = self.turns(query, history, system)
+        for i, (segment, parts) in enumerate(turns):
+            last = i == len(turns) - 1
+            seg = self.labelled_text(parts, False) if labelled and not last else None
+            seg_ids = seg.input_ids if seg else self.encode(segment)
+            end_ids = [] if last else eos_ids
+            text += (bos or "") + segment + ("" if last else eos or "")
+            ids += bos_ids + seg_ids + end_ids
+            if labelled:
+                seg_labels = seg.labels if seg else [IGNORE_INDEX] * len(seg_ids)
+                labels += [IGNORE_INDEX] * len(bos_ids) + seg_labels + end_ids  # </s> ends the answer
+        return text, TrainSample(ids, labels)
+
+    def build_chat_prompt(
+        self, query: str, history: History | None = None, system: str | None = None
+    ) -> ChatPrompt:
+        text, sample = self.build(query, history, system, labelled=False)
+        return ChatPrompt(text, sample.input_ids)
+
+    def labelled_prompt(
+        self, query: str, history: History | None = None, system: str | None = None
+    ) -> TrainSample:
+        return self.build(query, history, system, labelled=True)[1]
 
     def build_train_sample(
         self,
@@ -320,7 +576,7 @@ class Llama2Template(ChatTemplate):
         return self.sample(prompt, target, self.tokenizer.eos_token_id, max_source_length, max_target_length)
 
 
-class ChatMLTemplate(ChatTemplate):
+class ChatMLTemplate(TextTemplate):
     """ChatML (Qwen): `<|im_start|>role\\ncontent<|im_end|>\\n` per message, then `<|im_start|>assistant\\n`.
 
     The answer ends with `<|im_end|>`; when the tokenizer has no such token (it would be plain text), eos is
@@ -328,6 +584,7 @@ class ChatMLTemplate(ChatTemplate):
     """
 
     name = "chatml"
+    special_tokens = False
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, system: str | None = None) -> None:
         super().__init__(tokenizer)
@@ -339,15 +596,16 @@ class ChatMLTemplate(ChatTemplate):
         tid = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         return None if tid is None or tid == self.tokenizer.unk_token_id else tid
 
-    def build_chat_prompt(
-        self, query: str, history: History | None = None, system: str | None = None
-    ) -> ChatPrompt:
+    def prompt_parts(self, query: str, history: History | None = None, system: str | None = None) -> Parts:
         system = system or self.system
-        text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        parts: Parts = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)] if system else []
         for q, a in as_pairs(history):
-            text += f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
-        text += f"<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n"
-        return ChatPrompt(text, self.encode(text))
+            parts += [
+                (f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", False),
+                (f"{a}<|im_end|>", True),
+                ("\n", False),
+            ]
+        return parts + [(f"<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n", False)]
 
     def build_train_sample(
         self,
@@ -370,7 +628,7 @@ class ChatMLTemplate(ChatTemplate):
         return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-class AlpacaTemplate(ChatTemplate):
+class AlpacaTemplate(TextTemplate):
     """Stanford Alpaca: an instruction header (or `system`), `### Instruction:` / `### Response:` blocks.
 
     The prompt is encoded with the tokenizer's own special tokens (LLaMA's bos, ChatGLM's `[gMASK]`...).
@@ -385,18 +643,17 @@ class AlpacaTemplate(ChatTemplate):
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__(tokenizer)
         self.protected_head, self.protected_tail = special_token_counts(tokenizer)
+        if self.protected_tail:
+            self.dialogue_unsupported = (
+                f"{type(tokenizer).__name__} puts special tokens after the prompt (GLM's [gMASK] <sop>): the "
+                "model reads the prompt, earlier answers included, bidirectionally; use multi_turn='per_turn'"
+            )
 
-    def prompt_text(self, query: str, history: History | None = None, system: str | None = None) -> str:
-        text = f"{system}\n\n" if system else self.header
+    def prompt_parts(self, query: str, history: History | None = None, system: str | None = None) -> Parts:
+        parts: Parts = [(f"{system}\n\n" if system else self.header, False)]
         for q, a in as_pairs(history):
-            text += f"### Instruction:\n{q}\n\n### Response:\n{a}\n\n"
-        return text + f"### Instruction:\n{query}\n\n### Response:\n"
-
-    def build_chat_prompt(
-        self, query: str, history: History | None = None, system: str | None = None
-    ) -> ChatPrompt:
-        text = self.prompt_text(query, history, system)
-        return ChatPrompt(text, self.tokenizer.encode(text, add_special_tokens=True))
+            parts += [(f"### Instruction:\n{q}\n\n### Response:\n", False), (a, True), ("\n\n", False)]
+        return parts + [(f"### Instruction:\n{query}\n\n### Response:\n", False)]
 
 
 TEMPLATES: dict[str, type[ChatTemplate]] = {
@@ -405,6 +662,7 @@ TEMPLATES: dict[str, type[ChatTemplate]] = {
         ChatGLMTemplate,
         ChatGLM2Template,
         ChatGLM3Template,
+        ChatGLM3PlainTemplate,
         Llama2Template,
         ChatMLTemplate,
         AlpacaTemplate,
@@ -413,10 +671,12 @@ TEMPLATES: dict[str, type[ChatTemplate]] = {
 
 
 def get_template(name: str, tokenizer: PreTrainedTokenizerBase, **options: Any) -> ChatTemplate:
-    """The template `name` ("chatglm", "chatglm2", "chatglm3", "llama2", "chatml", "alpaca") bound to `tokenizer`.
+    """The template `name` (see `TEMPLATES`: "chatglm", "chatglm2", "chatglm3", "chatglm3_plain", "llama2",
+    "chatml", "alpaca") bound to `tokenizer`.
 
-    `options` go to the template: `system` (a default system prompt) for llama2/chatml, `chat_format` for
-    chatglm3.
+    `options` go to the template: `system` (a default system prompt) for llama2/chatml. "chatglm3" is the
+    ChatGLM3 chat format (role tokens, what `chat()` uses), "chatglm3_plain" the plain format of the reference
+    fine-tuning data.
     """
     if name not in TEMPLATES:
         raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.data.test_data_fakes import IGNORE, CharTemplate, TurnOnlyTemplate, decode, make_char_template
 
 from glmtune.data.build import build_records, build_records_cli
 from glmtune.data.readers import DataError
 from glmtune.data.records import open_reader
+from tests.data.test_data_fakes import IGNORE, CharTemplate, TurnOnlyTemplate, decode, make_char_template
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

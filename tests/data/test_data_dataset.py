@@ -3,11 +3,11 @@ import pickle
 
 import pytest
 import torch
-from tests.data.test_data_fakes import IGNORE, CharTemplate
 from torch.utils.data import DataLoader, DistributedSampler
 
 from glmtune.data.build import build_records
 from glmtune.data.dataset import RecordDataset, block_causal_mask, collate_fn
+from tests.data.test_data_fakes import IGNORE, CharTemplate
 
 
 @pytest.fixture(scope="module", params=["record", "lmdb"])

@@ -108,3 +108,39 @@ def test_fields_must_have_equal_length(tmp_path):
     with pytest.raises(ValueError, match="equal length"):
         writer.write({"input_ids": [1, 2], "labels": [1]})
     writer.abort()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_flat_is_the_stored_form(tmp_path, backend):
+    """write_flat takes a record as it is stored (fields concatenated): what the build's workers hand over."""
+    record = {"input_ids": np.array([5, 6, 7], np.int32), "labels": np.array([-100, 6, 7], np.int32)}
+    with open_writer(tmp_path / "r", fields=("input_ids", "labels"), backend=backend) as writer:
+        writer.write(record)
+        writer.write_flat(np.concatenate([record["input_ids"], record["labels"]]), 3)
+        with pytest.raises(ValueError, match="int32 of 2 x 3"):
+            writer.write_flat(np.arange(5, dtype=np.int32), 3)
+        with pytest.raises(ValueError, match="int32"):
+            writer.write_flat(np.arange(6, dtype=np.int64), 3)
+    reader = open_reader(tmp_path / "r")
+    assert len(reader) == 2 and reader.num_records == 2
+    for i in range(2):
+        assert reader[i]["input_ids"].tolist() == [5, 6, 7] and reader[i]["labels"].tolist() == [-100, 6, 7]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_many_equals_writing_one_by_one(tmp_path, backend):
+    records = make_records(30)
+    flat = np.concatenate([np.concatenate([r["input_ids"], r["labels"]]) for r in records]).astype(np.int32)
+    sizes = np.array([len(r["input_ids"]) for r in records])
+    with open_writer(tmp_path / "many", fields=("input_ids", "labels"), backend=backend) as writer:
+        writer.write(records[0])
+        writer.write_many(flat[2 * sizes[0] :], sizes[1:])
+        with pytest.raises(ValueError, match="need 1-D int32"):
+            writer.write_many(flat[:-1], sizes)
+    write(tmp_path / "one", records, backend)
+    many, one = open_reader(tmp_path / "many"), open_reader(tmp_path / "one")
+    assert many.meta["num_records"] == one.meta["num_records"] == 30
+    assert many.meta["num_tokens"] == one.meta["num_tokens"]
+    assert np.array_equal(many.lengths, one.lengths)
+    for i in range(30):
+        assert all(np.array_equal(many[i][f], one[i][f]) for f in ("input_ids", "labels"))

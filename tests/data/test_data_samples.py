@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.data.test_data_fakes import EOS, IGNORE, CharTemplate, SystemCharTemplate, TurnOnlyTemplate, decode, encode
 
 from glmtune.data.build import (
     LengthSettings,
@@ -16,6 +15,15 @@ from glmtune.data.build import (
 )
 from glmtune.data.dataset import block_causal_mask, cu_seqlens
 from glmtune.data.readers import Dialogue
+from tests.data.test_data_fakes import (
+    EOS,
+    IGNORE,
+    CharTemplate,
+    SystemCharTemplate,
+    TurnOnlyTemplate,
+    decode,
+    encode,
+)
 
 DIALOGUE = Dialogue(turns=[("q1", "a1"), ("q2", "a2"), ("q3", "a3")], source="f:1")
 
