@@ -12,7 +12,9 @@ from glmtune.data.readers import DataError
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
-    parser.add_argument("--force", type=bool, default=False, help="Rebuild even if the records are up to date.")
+    parser.add_argument(
+        "--force", type=bool, default=False, help="Rebuild even if the records are up to date."
+    )
     cfg, ns = parse_args(parser, argv)
     from glmtune.data.prepare import prepare_records
 

@@ -14,11 +14,12 @@ from models import ChatModel
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
     cfg, _ = parse_args(parser, argv)
+    from glmtune.training.module import NonFiniteLossError
     from glmtune.training.trainer import train
 
     try:
         result = train(cfg, module_cls=ChatModel)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"saved {cfg.method} result to {result.artifact_dir}")

@@ -51,22 +51,50 @@ class Result:
 
 def chatglm2_shape(tiny: bool) -> dict:
     if tiny:
-        return dict(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, kv_channels=16,
-                    multi_query_group_num=2, padded_vocab_size=512)
-    return dict(num_layers=28, hidden_size=4096, ffn_hidden_size=13696, num_attention_heads=32, kv_channels=128,
-                multi_query_group_num=2, padded_vocab_size=65024)
+        return dict(
+            num_layers=2,
+            hidden_size=64,
+            ffn_hidden_size=160,
+            num_attention_heads=4,
+            kv_channels=16,
+            multi_query_group_num=2,
+            padded_vocab_size=512,
+        )
+    return dict(
+        num_layers=28,
+        hidden_size=4096,
+        ffn_hidden_size=13696,
+        num_attention_heads=32,
+        kv_channels=128,
+        multi_query_group_num=2,
+        padded_vocab_size=65024,
+    )
 
 
 def chatglm_v1_shape(tiny: bool) -> dict:
     if tiny:
-        return dict(num_layers=2, hidden_size=64, inner_hidden_size=256, num_attention_heads=4, vocab_size=130528)
-    return dict(num_layers=28, hidden_size=4096, inner_hidden_size=16384, num_attention_heads=32, vocab_size=130528)
+        return dict(
+            num_layers=2, hidden_size=64, inner_hidden_size=256, num_attention_heads=4, vocab_size=130528
+        )
+    return dict(
+        num_layers=28, hidden_size=4096, inner_hidden_size=16384, num_attention_heads=32, vocab_size=130528
+    )
 
 
 def linear_params(shape: dict) -> int:
     """Parameters of every matmul a token goes through (blocks + output layer), for the FLOP count."""
-    h, heads, d, g = shape["hidden_size"], shape["num_attention_heads"], shape["kv_channels"], shape["multi_query_group_num"]
-    per_layer = h * (heads * d + 2 * g * d) + heads * d * h + h * 2 * shape["ffn_hidden_size"] + shape["ffn_hidden_size"] * h
+    h, heads, d, g = (
+        shape["hidden_size"],
+        shape["num_attention_heads"],
+        shape["kv_channels"],
+        shape["multi_query_group_num"],
+    )
+    per_layer = (
+        h * (heads * d + 2 * g * d)
+        + heads * d * h
+        + h * 2 * shape["ffn_hidden_size"]
+        + shape["ffn_hidden_size"] * h
+    )
     return shape["num_layers"] * per_layer + h * shape["padded_vocab_size"]
 
 
@@ -128,18 +156,27 @@ def run_peer(shapes, args, device, dtype, matmul, report=None) -> list[Result]:
 
     s = chatglm2_shape(args.tiny)
     config = GlmConfig(
-        vocab_size=s["padded_vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["ffn_hidden_size"],
-        num_hidden_layers=s["num_layers"], num_attention_heads=s["num_attention_heads"],
-        num_key_value_heads=s["multi_query_group_num"], head_dim=s["kv_channels"], attention_bias=True,
-        rms_norm_eps=1e-5, max_position_embeddings=32768, pad_token_id=0,
+        vocab_size=s["padded_vocab_size"],
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["ffn_hidden_size"],
+        num_hidden_layers=s["num_layers"],
+        num_attention_heads=s["num_attention_heads"],
+        num_key_value_heads=s["multi_query_group_num"],
+        head_dim=s["kv_channels"],
+        attention_bias=True,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=32768,
+        pad_token_id=0,
     )
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = GlmForCausalLM(config).to(dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     results = []
@@ -173,7 +210,9 @@ def run_peer(shapes, args, device, dtype, matmul, report=None) -> list[Result]:
     return results
 
 
-def fill(r: Result, times: list[float], batch_size: int, seq: int, shape: dict, matmul: float, device) -> None:
+def fill(
+    r: Result, times: list[float], batch_size: int, seq: int, shape: dict, matmul: float, device
+) -> None:
     step = sorted(times)[len(times) // 2]
     r.step_s = step
     r.tokens_per_s = batch_size * seq / step
@@ -257,14 +296,26 @@ def fit_steps(model, batch_size: int, seq: int, vocab: int, args, device) -> tup
     from glmtune.training.module import CausalLMModule
 
     total = args.warmup + args.steps
-    module = CausalLMModule(model, TrainArgs(learning_rate=1e-4, gradient_clip_val=0.0, scheduler="constant"),
-                            total_steps=total, method="lora")
+    module = CausalLMModule(
+        model,
+        TrainArgs(learning_rate=1e-4, gradient_clip_val=0.0, scheduler="constant"),
+        total_steps=total,
+        method="lora",
+    )
     timer = StepTimer(device).callback
     trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=total,
-        precision="bf16-true" if device.type == "cuda" else "32-true", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[timer], gradient_clip_val=None,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=total,
+        precision="bf16-true" if device.type == "cuda" else "32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer],
+        gradient_clip_val=None,
     )
     loader = torch.utils.data.DataLoader(RandomTokens(total * batch_size, seq, vocab), batch_size=batch_size)
     trainer.fit(module, train_dataloaders=loader)
@@ -272,7 +323,9 @@ def fit_steps(model, batch_size: int, seq: int, vocab: int, args, device) -> tup
     return timer.times[args.warmup :], timer.losses[args.warmup :]
 
 
-def loss_parity(model, encoder, vocab: int, device, steps: int = 4, seq: int = 512) -> tuple[list[float], list[float]]:
+def loss_parity(
+    model, encoder, vocab: int, device, steps: int = 4, seq: int = 512
+) -> tuple[list[float], list[float]]:
     """The same LoRA steps from the same weights and data, optimised path vs unoptimised path
     (full fp32 logits + every block recomputed): the loss curves must agree within bf16 noise."""
     inner = model.base_model.model
@@ -308,8 +361,17 @@ def checkpointed_layers_needed(budget_gib, static_gib, act_gib_per_token_layer, 
     return layers
 
 
-def run_glmtune(shapes, peer: dict[str, Result], args, device, dtype, matmul, compile_small: bool = False,
-                side: str = "glmtune", report=None) -> list[Result]:
+def run_glmtune(
+    shapes,
+    peer: dict[str, Result],
+    args,
+    device,
+    dtype,
+    matmul,
+    compile_small: bool = False,
+    side: str = "glmtune",
+    report=None,
+) -> list[Result]:
     s = chatglm2_shape(args.tiny)
     model = glmtune_lora_model(s, device, dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -357,17 +419,25 @@ def run_glmtune(shapes, peer: dict[str, Result], args, device, dtype, matmul, co
                 act_per_token_layer = max(0.0, r.peak_gib - static) / (tokens * (layers - k))
             if not math.isfinite(r.peak_gib) or r.peak_gib <= budget or attempt == 1:
                 break
-            k = min(layers, checkpointed_layers_needed(budget, static, act_per_token_layer, tokens, layers) + 1)
+            k = min(
+                layers, checkpointed_layers_needed(budget, static, act_per_token_layer, tokens, layers) + 1
+            )
         results.append(r)
         print(row(r), flush=True)
         if report:
             report(r)
     if not compile_small:
         optimised, plain = loss_parity(model, encoder, s["padded_vocab_size"], device)
-        r = Result("parity", "512x1", losses=optimised,
-                   note="optimised " + " ".join(f"{x:.4f}" for x in optimised)
-                   + " | unoptimised " + " ".join(f"{x:.4f}" for x in plain)
-                   + f" | max diff {max(abs(a - b) for a, b in zip(optimised, plain)):.2e}")
+        r = Result(
+            "parity",
+            "512x1",
+            losses=optimised,
+            note="optimised "
+            + " ".join(f"{x:.4f}" for x in optimised)
+            + " | unoptimised "
+            + " ".join(f"{x:.4f}" for x in plain)
+            + f" | max diff {max(abs(a - b) for a, b in zip(optimised, plain)):.2e}",
+        )
         print(r.note, flush=True)
         if report:
             report(r)
@@ -425,18 +495,26 @@ HEADER = f"{'side':<12} {'seq x batch':<14} {'tokens/s':>10} {'s/step':>8} {'MFU
 
 
 def row(r: Result) -> str:
-    return (f"{r.side:<12} {r.shape:<14} {r.tokens_per_s:>10.0f} {r.step_s:>8.3f} {r.mfu:>6.1%} {r.peak_gib:>9.2f}"
-            f"  {r.note}")
+    return (
+        f"{r.side:<12} {r.shape:<14} {r.tokens_per_s:>10.0f} {r.step_s:>8.3f} {r.mfu:>6.1%} {r.peak_gib:>9.2f}"
+        f"  {r.note}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (CPU check of the script)")
     parser.add_argument("--shapes", default="128x1,512x4,1024x8,2048x4", help="seq x batch list")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per shape")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per shape")
-    parser.add_argument("--memory-margin", type=float, default=0.97, help="glmtune's budget = this x peer peak")
-    parser.add_argument("--compile-max-tokens", type=int, default=512, help="compile blocks up to this many tokens")
+    parser.add_argument(
+        "--memory-margin", type=float, default=0.97, help="glmtune's budget = this x peer peak"
+    )
+    parser.add_argument(
+        "--compile-max-tokens", type=int, default=512, help="compile blocks up to this many tokens"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: peer,glmtune,v1,compile")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -450,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [(b, min(s, 64)) for b, s in shapes[:2]]
     torch.manual_seed(0)
     matmul = measure_matmul_flops(device, args.tiny)
-    print(f"card: {card}; torch {torch.__version__}; measured matmul: {matmul / 1e12:.1f} TFLOP/s", flush=True)
+    print(
+        f"card: {card}; torch {torch.__version__}; measured matmul: {matmul / 1e12:.1f} TFLOP/s", flush=True
+    )
     print(HEADER, flush=True)
     skip = set(args.skip.split(","))
     results: list[Result] = []
@@ -464,9 +544,18 @@ def main(argv: list[str] | None = None) -> int:
         if r is not None:
             results.append(r)
         tmp = file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"card": card, "torch": torch.__version__, "matmul_flops": matmul,
-                                   "seconds": time.time() - started, "results": [x.__dict__ for x in results]},
-                                  indent=2))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "card": card,
+                    "torch": torch.__version__,
+                    "matmul_flops": matmul,
+                    "seconds": time.time() - started,
+                    "results": [x.__dict__ for x in results],
+                },
+                indent=2,
+            )
+        )
         tmp.replace(file)
 
     peer = run_peer(shapes, args, device, dtype, matmul, report=save) if "peer" not in skip else []
@@ -477,8 +566,17 @@ def main(argv: list[str] | None = None) -> int:
         run_v1_memory(args, device, dtype, matmul, report=save)
     # Last, as it may take a while to compile: small batches with torch.compile'd blocks.
     if "compile" not in skip and device.type == "cuda" and not args.no_compile:
-        run_glmtune(shapes, peer_by_shape, args, device, dtype, matmul, compile_small=True,
-                    side="glmtune+compile", report=save)
+        run_glmtune(
+            shapes,
+            peer_by_shape,
+            args,
+            device,
+            dtype,
+            matmul,
+            compile_small=True,
+            side="glmtune+compile",
+            report=save,
+        )
 
     print(f"\n{HEADER}")
     by = {(r.side, r.shape): r for r in results}
@@ -491,8 +589,10 @@ def main(argv: list[str] | None = None) -> int:
         for side in ("glmtune", "glmtune+compile"):
             a = by.get((side, name))
             if a and b:
-                print(f"  {side:<16} {name:<10} speed x{a.tokens_per_s / b.tokens_per_s:.2f}   "
-                      f"memory x{a.peak_gib / b.peak_gib:.2f}")
+                print(
+                    f"  {side:<16} {name:<10} speed x{a.tokens_per_s / b.tokens_per_s:.2f}   "
+                    f"memory x{a.peak_gib / b.peak_gib:.2f}"
+                )
     save()
     print(f"wrote {file} ({time.time() - started:.0f} s)")
     return 0

@@ -230,7 +230,7 @@ class PtuningArgs:
 
 @dataclass
 class FreezeArgs:
-    """`freeze` method: which blocks stay frozen (embeddings always do; the final norm and head train).
+    """`freeze` method: which blocks train (the embeddings never do; the final norm and head with train_head).
 
     Args:
         num_frozen_layers: freeze the embeddings and the first N blocks, train the rest.
@@ -318,7 +318,9 @@ class TrainArgs:
     def __post_init__(self) -> None:
         self.precision = str(self.precision)
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+            raise ConfigError(
+                f"train.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
+            )
         for key in ("batch_size", "eval_batch_size", "accumulate_grad_batches", "max_bad_steps", "num_nodes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -396,7 +398,9 @@ def build_parser(description: str, sections: list[str] | None = None) -> Argumen
     parser = ArgumentParser(
         description=description, default_config_files=default_files, exit_on_error=False, allow_abbrev=False
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="Task YAML file (default: config/default.yaml).")
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="Task YAML file (default: config/default.yaml)."
+    )
     parser.add_argument("--method", type=Method, default="lora", help="Tuning method.")
     for name in sections or list(SECTIONS):
         parser.add_class_arguments(SECTIONS[name], name, fail_untyped=False, sub_configs=True)
@@ -432,11 +436,16 @@ def parse_args(parser: ArgumentParser, argv: list[str] | None = None) -> tuple[T
     except Exception as err:  # jsonargparse raises ArgumentError subclasses with a message
         print(f"error: {_suggest(parser, str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
-    return namespace_to_task(ns), ns
+    try:
+        return namespace_to_task(ns), ns
+    except (ConfigError, ValueError) as err:  # a section's own checks (__post_init__)
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def namespace_to_task(ns: Namespace) -> TaskConfig:
     from jsonargparse import Namespace
+
     kwargs: dict[str, Any] = {"method": ns.get("method", "lora")}
     for name, cls in SECTIONS.items():
         section = ns.get(name)

@@ -1,22 +1,43 @@
 """The LightningModule hosting a backbone with its tuning method.
 
 The task's `models.py` subclasses it; `model_step` is the one place a researcher changes the loss or the
-batch handling (train, validation and test all go through it).
+batch handling (train, validation and test all go through it). Everything else here is the machinery every
+method shares: the non-finite loss guard, AdaLoRA's budget updates, optimizer and schedule, per-step
+seeding (exact resume) and checkpoints that hold only what trains.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from glmtune.config import TrainArgs
+from glmtune.config import ConfigError, TrainArgs
+
+# Wrapper prefixes that FSDP / activation checkpointing insert into parameter names.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss was NaN/Inf for `train.max_bad_steps` micro-batches in a row."""
+
+
+def clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def step_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """A seed that depends only on where the run is, so a resumed run draws the same dropout masks."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{batch_idx}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class CausalLMModule(L.LightningModule):
@@ -28,76 +49,253 @@ class CausalLMModule(L.LightningModule):
         self.method = method
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
+        self._step_was_bad = False
+        self._good_micro_batches = 0
+        # Checkpoints hold only the trained tensors; the frozen rest comes from the base model (DeepSpeed too).
+        self.strict_loading = False
+
+    # ---------------------------------------------------------------- steps
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**batch).loss
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout (LoRA, prefix, attention) draws from a generator reseeded per micro-batch and per rank:
+        # a resumed run reproduces the masks of an uninterrupted one, and ranks do not share masks.
+        torch.manual_seed(step_seed(self.args.seed, self.current_epoch, batch_idx, self.global_rank))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self.model_step(batch)
-        if not torch.isfinite(loss):
-            # Skip the step (no backward, no optimizer update); stop if it keeps happening.
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.world_size > 1:
+            # Every rank must skip together, or the others would wait forever in the gradient all-reduce.
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             self.bad_steps_in_a_row += 1
             self.bad_steps_total += 1
-            self.log("train/skipped_steps", float(self.bad_steps_total))
+            self.log("train/skipped_steps", float(self.bad_steps_total), rank_zero_only=True)
             if self.bad_steps_in_a_row >= self.args.max_bad_steps:
                 raise NonFiniteLossError(
-                    f"loss was {loss.item()} for {self.bad_steps_in_a_row} steps in a row (step "
-                    f"{self.global_step}); lower the learning rate or use bf16 instead of fp16"
+                    f"the loss was {loss.detach().float().item()} on {self.bad_steps_in_a_row} micro-batches in "
+                    f"a row (train.max_bad_steps={self.args.max_bad_steps}, optimizer step {self.global_step}, "
+                    f"{self.bad_steps_total} skipped in all): lower train.learning_rate, use precision "
+                    "bf16-mixed instead of 16-mixed, or check the data"
                 )
-            return None
+            return self._skipped_loss()
         self.bad_steps_in_a_row = 0
+        self._good_micro_batches += 1
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def _skipped_loss(self) -> torch.Tensor | None:
+        """What a skipped micro-batch returns: it must add nothing to the gradients.
+
+        One process: None, Lightning's own skip (no backward). Lightning refuses None under DDP / DeepSpeed,
+        whose backward is a collective every rank must join: there, a zero loss wired to every trained weight
+        gives exactly zero gradients, without any NaN of the real loss reaching them.
+        """
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if self.trainer.world_size == 1 and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            return None
+        return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # An optimizer step whose micro-batches were all skipped must not move the weights: Adam would still
+        # step on zero gradients through its momentum. Without gradients the optimizer leaves a weight alone
+        # (a GradScaler has already checked them for inf by now). DeepSpeed keeps gradients to itself: there
+        # a fully skipped step is taken with zero gradients.
+        good, self._good_micro_batches = self._good_micro_batches, 0
+        self._step_was_bad = good == 0
+        if self._step_was_bad:
+            for p in self.model.parameters():
+                p.grad = None
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model_step(batch)
+        with _without_adalora_regulariser(self.model if self.method == "adalora" else None):
+            loss = self.model_step(batch)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # AdaLoRA reallocates its rank budget from the importance scores of the step just taken.
-        if self.method == "adalora" and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
-            self.model.base_model.update_and_allocate(self.global_step)
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model_step(batch)
+        self.log("test_loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
 
-    def configure_optimizers(self):
-        from transformers import get_scheduler
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # AdaLoRA scores importance from the gradients of the step just taken (zeroed only before the next
+        # backward) and masks singular values to that step's budget: right after the step, before any callback
+        # (a checkpoint) sees the weights. Called once per optimizer step, whatever the accumulation; the global
+        # step already counts this one, PEFT counts from 0.
+        if self.method == "adalora" and not self._step_was_bad:
+            self.model.base_model.update_and_allocate(self.global_step - 1)
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
+    # ---------------------------------------------------------------- optimizer
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("no trainable parameters: check `method` and its settings")
-        a = self.args
-        if a.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=a.weight_decay)
-        elif a.optimizer == "lion":
-            from lion_pytorch import Lion  # extra: pip install glmtune[lion]
-
-            optimizer = Lion(params, lr=a.learning_rate, weight_decay=a.weight_decay)
-        else:
-            import bitsandbytes as bnb
-
-            optimizer = bnb.optim.AdamW8bit(params, lr=a.learning_rate, weight_decay=a.weight_decay)
-        name = {"cosine_restarts": "cosine_with_restarts", "constant": "constant_with_warmup"}.get(
-            a.scheduler, a.scheduler
-        )
-        scheduler = get_scheduler(
-            name, optimizer, num_warmup_steps=a.warmup_steps, num_training_steps=max(1, self.total_steps)
-        )
+        optimizer = build_optimizer(named, self.args, offload=_deepspeed_offloads_optimizer(self.trainer))
+        scheduler = build_scheduler(optimizer, self.args, self.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # Checkpoints hold only what trains; the frozen backbone comes from the base checkpoint on resume.
+    # ---------------------------------------------------------------- checkpoints
+
+    def trainable_names(self) -> set[str]:
+        return {clean_name(n) for n, p in self.named_parameters() if p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["glmtune"] = {"method": self.method, "bad_steps_total": self.bad_steps_total}
+        if "state_dict" in checkpoint:  # DeepSpeed keeps the weights in its own files
+            trainable = self.trainable_names()
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if clean_name(k) in trainable
+            }
+        extra: dict[str, Any] = {"method": self.method, "bad_steps_total": self.bad_steps_total}
+        if self.method == "adalora":
+            extra["adalora"] = _adalora_state(self.model)
+        checkpoint["glmtune"] = extra
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        extra = checkpoint.get("glmtune", {})
+        if extra.get("method", self.method) != self.method:
+            raise ConfigError(
+                f"train.resume: the checkpoint was trained with method {extra['method']!r}, this run uses "
+                f"{self.method!r}"
+            )
+        self.bad_steps_total = int(extra.get("bad_steps_total", 0))
+        if self.method == "adalora" and "adalora" in extra:
+            _load_adalora_state(self.model, extra["adalora"])
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        unexpected = list(result.unexpected_keys)
-        if unexpected:
-            raise KeyError(f"checkpoint holds tensors this model lacks: {unexpected[:3]}")
+        if result.unexpected_keys:
+            raise KeyError(f"checkpoint holds tensors this model lacks: {list(result.unexpected_keys)[:3]}")
+        missing_trained = sorted(self.trainable_names() & {clean_name(k) for k in result.missing_keys})
+        if missing_trained and state_dict:
+            raise KeyError(f"checkpoint lacks trained tensors of this model: {missing_trained[:3]}")
         return result
 
 
+@contextlib.contextmanager
+def _without_adalora_regulariser(model: nn.Module | None) -> Iterator[None]:
+    """PEFT's AdaLoRA adds its orthogonality penalty to every loss the model returns; evaluation reports the
+    language-model loss alone, comparable with the other methods and with the reloaded adapter."""
+    if model is None:
+        yield
+        return
+    config = model.peft_config[model.base_model.trainable_adapter_name]
+    weight, config.orth_reg_weight = config.orth_reg_weight, 0.0
+    try:
+        yield
+    finally:
+        config.orth_reg_weight = weight
+
+
+def _adalora_state(model: nn.Module) -> dict[str, Any]:
+    """The rank allocator's running importance scores and the budget so far (not parameters, so not saved)."""
+    allocator = model.base_model.rankallocator
+    config = model.peft_config[model.base_model.trainable_adapter_name]
+    return {
+        "ipt": allocator.ipt,
+        "exp_avg_ipt": allocator.exp_avg_ipt,
+        "exp_avg_unc": allocator.exp_avg_unc,
+        "rank_pattern": config.rank_pattern,
+    }
+
+
+def _load_adalora_state(model: nn.Module, state: dict[str, Any]) -> None:
+    allocator = model.base_model.rankallocator
+    device = next(model.parameters()).device
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(allocator, key, {n: t.to(device) for n, t in state[key].items()})
+    model.peft_config[model.base_model.trainable_adapter_name].rank_pattern = state["rank_pattern"]
+
+
+def _deepspeed_offloads_optimizer(trainer: L.Trainer | None) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return False
+    offload = strategy.config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
+def check_optimizer(args: TrainArgs) -> None:
+    """Fail before loading anything when the optimizer cannot run here."""
+    if args.optimizer == "lion":
+        try:
+            import lion_pytorch  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "train.optimizer=lion needs lion-pytorch: pip install 'glmtune[lion]'"
+            ) from None
+    elif args.optimizer == "adamw8bit":
+        from glmtune.training.bnb import require_bitsandbytes
+
+        require_bitsandbytes("train.optimizer=adamw8bit")
+
+
+def build_optimizer(
+    named_params: list[tuple[str, nn.Parameter]], args: TrainArgs, offload: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW / Lion / 8-bit AdamW; weight decay only on matrices (not on biases, norms or LoRA's E vectors)."""
+    check_optimizer(args)
+    decay = [p for _, p in named_params if p.ndim >= 2]
+    no_decay = [p for _, p in named_params if p.ndim < 2]
+    groups = [
+        g
+        for g in (
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]
+    lr = args.learning_rate
+    if args.optimizer == "adamw":
+        if offload:
+            # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed's vectorised Adam is the one it supports.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=True)
+        return torch.optim.AdamW(groups, lr=lr)
+    if args.optimizer == "lion":
+        from lion_pytorch import Lion
+
+        return Lion(groups, lr=lr)
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(groups, lr=lr)
+
+
+SCHEDULER_NAMES = {
+    "constant": "constant_with_warmup",
+    "linear": "linear",
+    "cosine": "cosine",
+    "cosine_restarts": "cosine_with_restarts",
+}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int):
+    """transformers' warmup schedules, stepped once per optimizer step over the run's real step count."""
+    from transformers import get_scheduler
+
+    extra = {"num_cycles": args.num_cycles} if args.scheduler == "cosine_restarts" else None
+    return get_scheduler(
+        SCHEDULER_NAMES[args.scheduler],
+        optimizer,
+        num_warmup_steps=args.warmup_steps,
+        num_training_steps=max(1, total_steps),
+        scheduler_specific_kwargs=extra,
+    )
+
+
 def steps_per_epoch(num_samples: int, batch_size: int, accumulate: int, world_size: int = 1) -> int:
-    batches = math.ceil(num_samples / (batch_size * world_size))
+    """Optimizer steps in one epoch: Lightning also steps on the epoch's last, incomplete accumulation."""
+    batches = math.ceil(num_samples / world_size)
+    batches = math.ceil(batches / batch_size)
     return max(1, math.ceil(batches / accumulate))

@@ -1,23 +1,43 @@
 """`train(cfg)`: records -> model with its method -> Lightning Trainer -> saved artifact.
 
 Returns its metrics and the paths it wrote, so tests call it directly (STYLE.md, point 9).
+
+What a run leaves in `train.output_dir`:
+    checkpoints/last.ckpt, best.ckpt (lowest val_loss), step-<N>.ckpt   Lightning checkpoints (resume)
+    final/      the method's artifact after the last step: adapter (PEFT), pytorch_model.bin (P-Tuning v2)
+                or a model folder (full, freeze); tokenizer files and hyperparameters.yaml beside it
+    best/       the same for best.ckpt, when there is eval data (single device and DDP runs)
+    logs/       CSV metrics;  tensorboard/  TensorBoard events (when tensorboard is installed)
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from glmtune.config import TaskConfig
-from glmtune.training.methods import apply_method, count_parameters, save_artifact
-from glmtune.training.module import CausalLMModule, steps_per_epoch
+from glmtune.config import ConfigError, TaskConfig, resolve_path
+from glmtune.training.distributed import (
+    gather_model_state,
+    is_deepspeed,
+    is_mixed,
+    make_strategy,
+    precision_args,
+)
+from glmtune.training.methods import (
+    apply_method,
+    cast_trainable_fp32,
+    check_method,
+    count_parameters,
+    save_artifact,
+)
+from glmtune.training.module import CausalLMModule, check_optimizer, steps_per_epoch
 
 HPARAMS_FILE = "hyperparameters.yaml"
 
@@ -27,15 +47,20 @@ class TrainResult:
     artifact_dir: Path
     checkpoint_dir: Path
     metrics: dict[str, float] = field(default_factory=dict)
+    best_artifact_dir: Path | None = None
+    total_steps: int = 0
+    global_step: int = 0
+    skipped_steps: int = 0
 
 
 def load_for_method(cfg: TaskConfig, device: str | None = None) -> torch.nn.Module:
     """The backbone as the method needs it (P-Tuning v2 adds a prefix encoder at load time)."""
     from glmtune.models.loading import load_model
+    from glmtune.models.tiny import ensure_model
 
     ptv2 = cfg.method == "ptv2"
     return load_model(
-        cfg.model.path,
+        ensure_model(cfg.model.path, cfg.model.tiny),
         torch_dtype=cfg.model.dtype,
         quantization_bit=cfg.model.quantization_bit,
         pre_seq_len=cfg.ptv2.pre_seq_len if ptv2 else None,
@@ -45,122 +70,249 @@ def load_for_method(cfg: TaskConfig, device: str | None = None) -> torch.nn.Modu
     )
 
 
-def _strategy(cfg: TaskConfig):
-    s = cfg.train.strategy
-    if s.endswith(".json"):
-        from lightning.pytorch.strategies import DeepSpeedStrategy
+def check_config(cfg: TaskConfig) -> None:
+    """Everything that can be refused before records are built and weights loaded."""
+    check_method(cfg)
+    check_optimizer(cfg.train)
+    if cfg.model.quantization != "none":
+        from glmtune.training.bnb import require_bitsandbytes
 
-        from glmtune.config import resolve_path
+        require_bitsandbytes(f"model.quantization={cfg.model.quantization}")
+    if cfg.train.precision == "16-mixed" and (
+        cfg.train.accelerator == "cpu" or not torch.cuda.is_available()
+    ):
+        # Lightning would silently switch to bf16-mixed on a CPU.
+        raise ConfigError("train.precision=16-mixed needs a GPU (fp16 autocast); on CPU use bf16-mixed or 32")
+    if (is_deepspeed(cfg.train.strategy) or cfg.train.strategy == "fsdp") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.strategy={cfg.train.strategy}: Lightning runs DeepSpeed and FSDP on CUDA GPUs only; "
+            "none is visible"
+        )
 
-        return DeepSpeedStrategy(config=str(resolve_path(s)))
-    return s
+
+def _stop_point_checkpoint_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class StopPointCheckpoint(ModelCheckpoint):
+        """ModelCheckpoint that also writes `last` at the batch where `max_steps` ends the run.
+
+        Lightning would otherwise save it from `on_train_epoch_end`, which it calls when max_steps stops a run
+        mid-epoch: that checkpoint counts the epoch as processed, and a resume from it starts the next epoch's
+        data order at the old batch position. Saved at the batch end instead, Lightning restores mid-epoch
+        (and then skips its own epoch-end save: same global step).
+        """
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if 0 < trainer.max_steps <= trainer.global_step and not self._should_skip_saving_checkpoint(
+                trainer
+            ):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    return StopPointCheckpoint
 
 
-def make_trainer(cfg: TaskConfig, total_steps: int, callbacks: list | None = None, **overrides) -> L.Trainer:
+def make_trainer(
+    cfg: TaskConfig, model: torch.nn.Module, callbacks: list | None = None, **overrides: Any
+) -> L.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    out = Path(cfg.train.output_dir)
+    t = cfg.train
+    out = Path(t.output_dir)
     ckpt_dir = out / "checkpoints"
     has_eval = bool(cfg.data.eval_files)
     checkpoints = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss" if has_eval else None,
-                        save_last=True, save_top_k=1, mode="min"),
-    ]
-    if cfg.train.save_every_n_steps:
-        checkpoints.append(
-            ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step}", every_n_train_steps=cfg.train.save_every_n_steps,
-                            save_top_k=-1)
+        _stop_point_checkpoint_class()(
+            dirpath=ckpt_dir,
+            filename="best",
+            monitor="val_loss" if has_eval else None,
+            mode="min",
+            save_top_k=1,
+            save_last=True,
+            enable_version_counter=False,
         )
-    loggers = [CSVLogger(out, name="logs")]
+    ]
+    if t.save_every_n_steps:
+        checkpoints.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="step-{step}",
+                every_n_train_steps=t.save_every_n_steps,
+                save_top_k=-1,
+                auto_insert_metric_name=False,
+            )
+        )
+    loggers: list[Any] = [CSVLogger(out, name="logs")]
     try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         import tensorboard  # noqa: F401
+        from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(out, name="tensorboard"))
     except ImportError:
         pass
-    kwargs = dict(
+    evaluation: dict[str, Any] = {"limit_val_batches": 1.0 if has_eval else 0}
+    if has_eval and t.eval_every_n_steps:
+        # Lightning counts validation intervals in micro-batches.
+        evaluation.update(
+            val_check_interval=t.eval_every_n_steps * t.accumulate_grad_batches, check_val_every_n_epoch=None
+        )
+    kwargs: dict[str, Any] = dict(
         default_root_dir=out,
-        max_epochs=cfg.train.max_epochs,
-        max_steps=total_steps if cfg.train.max_steps > 0 else -1,
-        accelerator=cfg.train.accelerator,
-        devices=cfg.train.devices,
-        num_nodes=cfg.train.num_nodes,
-        strategy=_strategy(cfg),
-        precision=cfg.train.precision,
-        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
-        gradient_clip_val=cfg.train.gradient_clip_val or None,
-        log_every_n_steps=cfg.train.log_every_n_steps,
+        max_epochs=t.max_epochs if t.max_steps < 0 else -1,
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=make_strategy(cfg, model),
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val or None,
+        log_every_n_steps=t.log_every_n_steps,
         callbacks=[*checkpoints, LearningRateMonitor("step"), *(callbacks or [])],
         logger=loggers,
         enable_model_summary=False,
-        limit_val_batches=1.0 if has_eval else 0,
         num_sanity_val_steps=0,
+        # The training loader shards itself (ResumableSampler); Lightning must not swap its sampler.
+        use_distributed_sampler=False,
+        **evaluation,
+        **precision_args(cfg),
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
 
 
-def _resume_path(cfg: TaskConfig) -> str | None:
+def resume_path(cfg: TaskConfig) -> str | None:
     r = cfg.train.resume
     if r in (None, ""):
         return None
-    path = Path(cfg.train.output_dir) / "checkpoints" / "last.ckpt" if r == "last" else Path(r)
-    if not path.is_file():
+    path = Path(cfg.train.output_dir) / "checkpoints" / "last.ckpt" if r == "last" else resolve_path(r)
+    if not path.exists():  # a file, or a folder for DeepSpeed checkpoints
         raise FileNotFoundError(f"train.resume: checkpoint not found: {path}")
     return str(path)
 
 
-def train(cfg: TaskConfig, module_cls: type[CausalLMModule] = CausalLMModule, **trainer_overrides) -> TrainResult:
+def _data(cfg: TaskConfig):
     from glmtune.data.dataset import RecordDataset, collate_fn
     from glmtune.data.prepare import prepare_records
+    from glmtune.training.data import ResumableDataLoader
 
-    L.seed_everything(cfg.train.seed, workers=True)
     records = prepare_records(cfg)
-    tokenizer = records.tokenizer
     train_set = RecordDataset(records.train_path)
+    if len(train_set) == 0:
+        raise ConfigError("data.train_files: no training samples were built (all dropped or empty)")
     eval_set = RecordDataset(records.eval_path) if records.eval_path else None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    epoch_steps = steps_per_epoch(len(train_set), cfg.train.batch_size, cfg.train.accumulate_grad_batches, world)
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else epoch_steps * cfg.train.max_epochs
-
-    model = load_for_method(cfg)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    model = apply_method(model, cfg, total_steps)
-    model.train()
-    trainable, total = count_parameters(model)
-    print(f"parameters: {trainable:,} trainable / {total:,} total ({100 * trainable / max(total, 1):.2f}%)")
-
-    collate = collate_fn(pad_token_id=tokenizer.pad_token_id)
-    # The sampler's shuffling is seeded, so a resumed run sees the same order (exact resume).
-    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate,
-                              num_workers=cfg.train.dataloader_workers)
+    collate = collate_fn(pad_token_id=records.tokenizer.pad_token_id)
+    workers = cfg.train.dataloader_workers
+    train_loader = ResumableDataLoader(
+        train_set,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.train.seed,
+        collate_fn=collate,
+        num_workers=workers,
+    )
     eval_loader = (
-        DataLoader(eval_set, batch_size=cfg.train.eval_batch_size, collate_fn=collate,
-                   num_workers=cfg.train.dataloader_workers)
+        DataLoader(eval_set, batch_size=cfg.train.eval_batch_size, collate_fn=collate, num_workers=workers)
         if eval_set is not None and len(eval_set)
         else None
     )
-    module = module_cls(model, cfg.train, total_steps, method=cfg.method)
-    trainer = make_trainer(cfg, total_steps, **trainer_overrides)
+    return records.tokenizer, train_loader, eval_loader
 
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_hparams(cfg, out)
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=_resume_path(cfg))
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    artifact = out / "final"
+def train(
+    cfg: TaskConfig,
+    module_cls: type[CausalLMModule] = CausalLMModule,
+    callbacks: list | None = None,
+    **trainer_overrides: Any,
+) -> TrainResult:
+    """Train `cfg.method` on `cfg.data` and save the artifact; every data-parallel process runs this."""
+    check_config(cfg)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    tokenizer, train_loader, eval_loader = _data(cfg)
+    model = load_for_method(cfg)
+    trainer = make_trainer(cfg, model, callbacks=callbacks, **trainer_overrides)
+
+    epoch_steps = steps_per_epoch(
+        len(train_loader.dataset), cfg.train.batch_size, cfg.train.accumulate_grad_batches, trainer.world_size
+    )
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else epoch_steps * cfg.train.max_epochs
+
+    if cfg.model.quantization != "none":
+        from glmtune.training.bnb import quantize_bnb
+
+        compute = torch.bfloat16 if "bf16" in cfg.train.precision else torch.float16
+        model = quantize_bnb(model, cfg.model.quantization, trainer.strategy.root_device, compute)
+    # Under FSDP the strategy checkpoints each wrapped block itself (activation_checkpointing_policy).
+    if cfg.train.gradient_checkpointing and cfg.train.strategy != "fsdp":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model = apply_method(model, cfg, total_steps)
+    if cfg.train.strategy == "fsdp":
+        # FSDP flattens each wrapped block into buffers of one dtype: all fp32 under mixed precision (FSDP
+        # casts to half for compute), and Lightning casts everything to half for a *-true precision.
+        if is_mixed(cfg.train.precision):
+            model.float()
+    elif is_mixed(cfg.train.precision):
+        cast_trainable_fp32(model)  # fp32 master weights; autocast runs the matmuls in half
+    model.train()
+    trainable, total = count_parameters(model)
     if trainer.is_global_zero:
-        save_artifact(module.model, cfg.method, artifact)
-        tokenizer.save_pretrained(str(artifact))
-        write_hparams(cfg, artifact)
-        (artifact / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return TrainResult(artifact_dir=artifact, checkpoint_dir=out / "checkpoints", metrics=metrics)
+        print(
+            f"parameters: {trainable:,} trainable / {total:,} total ({100 * trainable / max(total, 1):.2f}%); "
+            f"{total_steps} optimizer steps"
+        )
+
+    module = module_cls(model, cfg.train, total_steps, method=cfg.method)
+    out = Path(cfg.train.output_dir)
+    if trainer.is_global_zero:
+        write_hparams(cfg, out)
+    trainer.fit(
+        module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=resume_path(cfg)
+    )
+
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
+    }
+    artifact = out / "final"
+    state = gather_model_state(trainer, module)  # collective: every rank calls it
+    if trainer.is_global_zero:
+        _save(module, cfg, artifact, tokenizer, metrics, state)
+    best = _export_best(trainer, module, cfg, tokenizer)
+    trainer.strategy.barrier()
+    return TrainResult(
+        artifact_dir=artifact,
+        checkpoint_dir=out / "checkpoints",
+        metrics=metrics,
+        best_artifact_dir=best,
+        total_steps=total_steps,
+        global_step=trainer.global_step,
+        skipped_steps=module.bad_steps_total,
+    )
+
+
+def _save(
+    module: CausalLMModule, cfg: TaskConfig, folder: Path, tokenizer: Any, metrics: dict, state=None
+) -> None:
+    save_artifact(module.model, cfg.method, folder, state_dict=state)
+    tokenizer.save_pretrained(str(folder))
+    write_hparams(cfg, folder)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def _export_best(trainer: L.Trainer, module: CausalLMModule, cfg: TaskConfig, tokenizer: Any) -> Path | None:
+    """The best checkpoint as an artifact too (best/), where the checkpoint is one file holding the weights."""
+    if not cfg.data.eval_files or is_deepspeed(cfg.train.strategy) or cfg.train.strategy == "fsdp":
+        return None
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not best or not Path(best).is_file():
+        return None
+    folder = Path(cfg.train.output_dir) / "best"
+    if trainer.is_global_zero:
+        checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+        module.load_state_dict(checkpoint["state_dict"])
+        score = trainer.checkpoint_callback.best_model_score
+        _save(module, cfg, folder, tokenizer, {"val_loss": float(score)} if score is not None else {})
+    return folder
 
 
 def write_hparams(cfg: TaskConfig, folder: Path) -> Path:

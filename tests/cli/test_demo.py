@@ -12,12 +12,19 @@ from glmtune.config import REPO_ROOT
 @pytest.mark.slow
 def test_demo_memorises_the_training_answers(tmp_path):
     out = tmp_path / "out"
-    flags = ["--model.path", str(out / "tiny"), "--data.output_dir", str(out / "records"),
-             "--train.output_dir", str(out / "run")]
+    flags = [
+        "--model.path",
+        str(out / "tiny"),
+        "--data.output_dir",
+        str(out / "records"),
+        "--train.output_dir",
+        str(out / "run"),
+    ]
 
     def run(*args):
-        result = subprocess.run([sys.executable, *args, *flags], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=900)
+        result = subprocess.run(
+            [sys.executable, *args, *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900
+        )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         return result.stdout
 

@@ -7,11 +7,20 @@ import pytest
 
 from glmtune.config import REPO_ROOT
 
-SCRIPTS = ["data_utils.py", "train.py", "infer.py", "infer_finetuning.py", "infer_lora_finetuning.py", "infer_api.py"]
+SCRIPTS = [
+    "data_utils.py",
+    "train.py",
+    "infer.py",
+    "infer_finetuning.py",
+    "infer_lora_finetuning.py",
+    "infer_api.py",
+]
 
 
 def run(*args, timeout=120):
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
