@@ -69,3 +69,16 @@ def test_every_shipped_config_parses(config):
     assert isinstance(cfg, TaskConfig)
     for f in cfg.data.train_files + cfg.data.eval_files:
         assert (REPO_ROOT / f).is_file() or Path(f).is_absolute(), f"{config.name} names a missing file {f}"
+
+
+def test_readme_lists_every_config_key():
+    import dataclasses
+
+    from glmtune.config import SECTIONS
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `")}
+    for name, cls in SECTIONS.items():
+        assert name in rows, f"README's config table has no `{name}` row"
+        missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in rows[name]]
+        assert not missing, f"README's `{name}` row lacks {missing}"
