@@ -40,6 +40,7 @@ from glmtune.training.methods import (
 from glmtune.training.module import CausalLMModule, check_optimizer, steps_per_epoch
 
 HPARAMS_FILE = "hyperparameters.yaml"
+LOSS_CHUNK_TOKENS = 4096  # glmtune.models.losses: tokens scored per chunk of the output layer
 
 
 @dataclass
@@ -230,6 +231,9 @@ def train(
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     tokenizer, train_loader, eval_loader = _data(cfg)
     model = load_for_method(cfg)
+    if hasattr(model, "loss_chunk_size"):
+        # Training needs only the loss: score supervised tokens chunk by chunk, no full fp32 logits.
+        model.loss_chunk_size = LOSS_CHUNK_TOKENS
     trainer = make_trainer(cfg, model, callbacks=callbacks, **trainer_overrides)
 
     epoch_steps = steps_per_epoch(
