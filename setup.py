@@ -45,6 +45,7 @@ setup(
             "sacrebleu>=2.0",
             "rouge-chinese>=1.0.3",
             "jieba>=0.42",
+            "deepspeed>=0.15",
         ],
     },
 )
