@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 import uuid
+from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,7 +40,17 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from glmtune.data.readers import FORMATS, DataError, Dialogue, iter_dialogues
+from glmtune.data.readers import (
+    FORMATS,
+    DataError,
+    Dialogue,
+    DialogueParser,
+    decode_json_line,
+    is_json_array,
+    iter_dialogues,
+    iter_line_chunks,
+    parse_json_lines,
+)
 from glmtune.data.records import BACKENDS, Backend, RecordWriter, open_writer, read_meta, write_order
 
 Strategy = Literal["truncate", "slide", "drop"]
@@ -336,59 +347,143 @@ class Packer:
 # Worker processes: each holds one template (created from the factory in the worker) and the settings.
 
 _WORKER: dict[str, Any] = {}
+if array("i").itemsize != 4:  # the records are int32
+    raise ImportError("glmtune.data.build needs a platform whose C int is 32 bits")
 
 
 def _init_worker(
-    template: Any, template_factory: Callable[[], Any] | None, settings: LengthSettings, multi_turn: str
+    template: Any,
+    template_factory: Callable[[], Any] | None,
+    settings: LengthSettings,
+    multi_turn: str,
+    stop_at_error: bool,
 ):
     _WORKER["template"] = template_factory() if template_factory is not None else template
     _WORKER["settings"] = settings
     _WORKER["multi_turn"] = multi_turn
+    _WORKER["stop_at_error"] = stop_at_error
+
+
+@dataclass
+class _Chunk:
+    """Consecutive records of one data file, for one worker: raw JSON lines (`lines`, the first being line
+    `first_line` of file `name`, decoded in the worker: the main process only reads) or dialogues already
+    parsed (`items`, from a JSON array file). `format` is the file's format ("auto": not decided before)."""
+
+    split: str
+    name: str = ""
+    format: str = "auto"
+    first_line: int = 1
+    lines: list[bytes] | None = None
+    items: list[Dialogue | DataError] | None = None
+
+    def dialogues(self) -> list[Dialogue | DataError]:
+        if self.items is not None:
+            return self.items
+        return parse_json_lines(self.name, self.lines or [], self.first_line, self.format)
 
 
 @dataclass
 class _ChunkResult:
-    """The samples of a chunk of dialogues, in order, as the records store them: one int32 buffer where sample
-    k is `sizes[k]` input ids then as many labels, for split `splits[k]`. One buffer keeps the hand-over
-    between processes and the writing cheap."""
+    """The samples of a chunk, in order, compact for the hand-over between processes (which costs the main
+    process about as much as the rest of its work): the input ids of all samples back to back (`ids`: uint16
+    when they fit, else int32), `sizes[k]` tokens for sample k, and its labels as `prompt[k]`, the number of
+    leading -100 labels before labels equal to the ids, or -1 when the labels are stored in `labels` (in
+    order). `flat()` gives the records' stored layout. `per_dialogue[d]`: how many samples the chunk's d-th
+    good dialogue gave; `errors`: its bad records, in order (with on_error="raise", only the first: the chunk
+    stops there)."""
 
-    flat: np.ndarray
-    sizes: np.ndarray
-    splits: list[str]
+    split: str
+    ids: np.ndarray
+    sizes: array
+    prompt: array
+    labels: array
+    per_dialogue: list[int]
+    errors: list[DataError]
     counts: Counter
-    lengths: list[int]  # lengths as built, before fitting (for the report's percentiles)
-    dialogues: int
+    lengths: array  # lengths as built, before fitting (for the report's percentiles)
 
-    def samples(self) -> Iterator[tuple[str, np.ndarray]]:
+    def flat(self) -> np.ndarray:
+        """All samples in the stored layout: sample k is its `sizes[k]` ids, then as many labels (int32)."""
+        ids = self.ids.astype(np.int32)
+        flat = np.empty(2 * len(ids), np.int32)
+        explicit = np.frombuffer(self.labels, np.int32)
+        at, used = 0, 0  # position in ids, labels taken from `explicit`
+        for n, p in zip(self.sizes, self.prompt):
+            out = 2 * at
+            flat[out : out + n] = ids[at : at + n]
+            if p >= 0:
+                flat[out + n : out + n + p] = IGNORE_INDEX
+                flat[out + n + p : out + 2 * n] = ids[at + p : at + n]
+            else:
+                flat[out + n : out + 2 * n] = explicit[used : used + n]
+                used += n
+            at += n
+        return flat
+
+    def sample_splits(self, eval_draws: Sequence[bool] | None) -> np.ndarray | None:
+        """Per sample, whether it goes to eval, given each good dialogue's draw (None: all in `split`)."""
+        if eval_draws is None:
+            return None
+        return np.repeat(np.asarray(eval_draws, bool), self.per_dialogue)
+
+    def samples(self, to_eval: np.ndarray | None) -> Iterator[tuple[str, np.ndarray]]:
         """(split, [ids..., labels...]) per sample."""
+        flat = self.flat()
         offset = 0
-        for split, n in zip(self.splits, self.sizes.tolist()):
-            yield split, self.flat[offset : offset + 2 * n]
+        for k, n in enumerate(self.sizes):
+            split = "eval" if to_eval is not None and to_eval[k] else self.split
+            yield split, flat[offset : offset + 2 * n]
             offset += 2 * n
 
-    def by_split(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    def by_split(self, to_eval: np.ndarray | None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """(split, flat, sizes) with the samples of each split, in order."""
-        names = list(dict.fromkeys(self.splits))
-        if len(names) == 1:
-            yield names[0], self.flat, self.sizes
+        flat = self.flat()
+        sizes = np.frombuffer(self.sizes, np.int64)
+        if to_eval is None or not to_eval.any():
+            yield self.split, flat, sizes
             return
-        for name in names:
-            chosen = np.array([split == name for split in self.splits])
-            yield name, self.flat[np.repeat(chosen, 2 * self.sizes)], self.sizes[chosen]
+        if to_eval.all():
+            yield "eval", flat, sizes
+            return
+        elements = np.repeat(to_eval, 2 * sizes)
+        yield self.split, flat[~elements], sizes[~to_eval]
+        yield "eval", flat[elements], sizes[to_eval]
 
 
-def _process_chunk(chunk: list[tuple[str, Dialogue]]) -> _ChunkResult:
+def _append_sample(
+    ids_out: array, prompt: array, labels_out: array, ids: list[int], labels: list[int]
+) -> None:
+    """Append one sample to a chunk's buffers (see `_ChunkResult`). Converting Python ints is most of the
+    cost here: the usual labels, -100 on a prompt and then the ids themselves, are not converted at all."""
+    ids_out.fromlist(ids)
+    p = labels.count(IGNORE_INDEX)
+    if labels[p:] == ids[p:] and labels[:p] == [IGNORE_INDEX] * p:
+        prompt.append(p)
+    else:
+        prompt.append(-1)
+        labels_out.fromlist(labels)
+
+
+def _process_chunk(chunk: _Chunk) -> _ChunkResult:
     template, settings, multi_turn = _WORKER["template"], _WORKER["settings"], _WORKER["multi_turn"]
-    flat: list[int] = []
-    sizes: list[int] = []
-    splits: list[str] = []
+    stop_at_error = _WORKER["stop_at_error"]
+    id_buf, sizes, lengths = array("i"), array("q"), array("i")
+    prompt, labels_out = array("i"), array("i")
+    per_dialogue: list[int] = []
+    errors: list[DataError] = []
     counts: Counter = Counter()
-    lengths: list[int] = []
-    for split, dialogue in chunk:
+    for dialogue in chunk.dialogues():
+        if isinstance(dialogue, DataError):
+            errors.append(dialogue)
+            if stop_at_error:
+                break
+            continue
         try:
             built = build_samples(dialogue, template, multi_turn)
         except Exception as e:
             raise RuntimeError(f"{dialogue.source}: the template failed: {type(e).__name__}: {e}") from e
+        written = 0
         for ids, labels in built:
             counts["samples_built"] += 1
             lengths.append(len(ids))
@@ -397,12 +492,15 @@ def _process_chunk(chunk: list[tuple[str, Dialogue]]) -> _ChunkResult:
             if outcome == "split":
                 counts["windows"] += len(fitted)
             for fitted_ids, fitted_labels in fitted:
-                flat += fitted_ids
-                flat += fitted_labels
+                _append_sample(id_buf, prompt, labels_out, fitted_ids, fitted_labels)
                 sizes.append(len(fitted_ids))
-                splits.append(split)
+            written += len(fitted)
+        per_dialogue.append(written)
+    compact = np.frombuffer(id_buf, np.int32)
+    if len(compact) and 0 <= compact.min() and compact.max() <= np.iinfo(np.uint16).max:
+        compact = compact.astype(np.uint16)  # half the bytes to hand over, for vocabularies up to 65536
     return _ChunkResult(
-        np.array(flat, np.int32), np.array(sizes, np.int64), splits, counts, lengths, len(chunk)
+        chunk.split, compact, sizes, prompt, labels_out, per_dialogue, errors, counts, lengths
     )
 
 
@@ -430,6 +528,25 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
     it = iter(items)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
+
+
+def _read_chunks(sources: Sequence[tuple[str, Path]], format: str, size: int) -> Iterator[_Chunk]:
+    """The chunks of the data files, in order. JSON lines are read here but decoded by the workers; a JSON
+    array is parsed here (it is one JSON document)."""
+    for split, path in sources:
+        if is_json_array(path):
+            for items in _chunks(iter_dialogues(path, format, errors="yield"), size):
+                yield _Chunk(split, items=items)
+            continue
+        parse = DialogueParser(f"{path}", format)  # decides an "auto" format: the workers need it
+        for first_line, lines in iter_line_chunks(path, size):
+            yield _Chunk(split, name=f"{path}", format=parse.format, first_line=first_line, lines=lines)
+            for lineno, raw in enumerate(lines, first_line):
+                if parse.format != "auto":
+                    break
+                decoded = decode_json_line(raw, lineno, parse.name)
+                if isinstance(decoded, tuple):
+                    parse(lineno, *decoded)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -597,7 +714,7 @@ def build_records(
     on_error: OnError = "raise",
     eval_files: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     eval_ratio: float = 0.0,
-    chunk_size: int = 64,
+    chunk_size: int = 256,
     force: bool = False,
     progress: bool = True,
     verbose: bool = True,
@@ -817,42 +934,40 @@ def _build_into(
         packers = {split: Packer(lengths.max_seq_length) for split in splits} if packing else {}
         rng = random.Random(seed)
 
-        def dialogues() -> Iterator[tuple[str, Dialogue]]:
-            nonlocal rejects_file
-            sources = [("train", f) for f in train_files] + [("eval", f) for f in eval_paths]
-            for split, path in sources:
-                for item in iter_dialogues(path, format, errors="yield" if on_error == "skip" else "raise"):
-                    if isinstance(item, DataError):
-                        if rejects_file is None:
-                            rejects_file = open(tmp / "rejects.jsonl", "w", encoding="utf-8")
-                        reject = {
-                            "source": item.source,
-                            "field": item.field,
-                            "error": str(item),
-                            "record": item.raw,
-                        }
-                        rejects_file.write(json.dumps(reject, ensure_ascii=False) + "\n")
-                        if report.rejected < 5:
-                            say(f"skipping bad record: {item}", file=sys.stderr)
-                        report.rejected += 1
-                        continue
-                    report.dialogues_read += 1
-                    if split == "train" and eval_ratio and rng.random() < eval_ratio:
-                        yield "eval", item
-                    else:
-                        yield split, item
-
+        sources = [("train", f) for f in train_files] + [("eval", f) for f in eval_paths]
         length_counts = np.zeros(1024, np.int64)
         counts: Counter = Counter()
-        initargs = (template, template_factory, lengths, multi_turn)
+        initargs = (template, template_factory, lengths, multi_turn, on_error == "raise")
         bar = tqdm(desc="building records", unit=" dialogues", disable=not progress)
         with bar:
             for result in _ordered_map(
-                _process_chunk, _chunks(dialogues(), chunk_size), num_workers, initargs
+                _process_chunk, _read_chunks(sources, format, chunk_size), num_workers, initargs
             ):
+                for error in result.errors:
+                    if on_error == "raise":
+                        raise error
+                    if rejects_file is None:
+                        rejects_file = open(tmp / "rejects.jsonl", "w", encoding="utf-8")
+                    reject = {
+                        "source": error.source,
+                        "field": error.field,
+                        "error": str(error),
+                        "record": error.raw,
+                    }
+                    rejects_file.write(json.dumps(reject, ensure_ascii=False) + "\n")
+                    if report.rejected < 5:
+                        say(f"skipping bad record: {error}", file=sys.stderr)
+                    report.rejected += 1
+                report.dialogues_read += len(result.per_dialogue)
+                draws = None
+                if (
+                    result.split == "train" and eval_ratio
+                ):  # in reading order: the same split for any chunking
+                    draws = [rng.random() < eval_ratio for _ in result.per_dialogue]
+                to_eval = result.sample_splits(draws)
                 counts.update(result.counts)
                 if result.lengths:
-                    chunk_counts = np.bincount(result.lengths)
+                    chunk_counts = np.bincount(np.frombuffer(result.lengths, np.int32))
                     if len(chunk_counts) > len(length_counts):
                         chunk_counts[: len(length_counts)] += length_counts
                         length_counts = chunk_counts
@@ -860,14 +975,14 @@ def _build_into(
                         length_counts[: len(chunk_counts)] += chunk_counts
                 report.samples_written += len(result.sizes)
                 if packing:
-                    for split, flat in result.samples():
+                    for split, flat in result.samples(to_eval):
                         n = len(flat) // 2
                         for record in packers[split].add(flat[:n], flat[n:]):
                             writers[split].write(record)
                 else:
-                    for split, flat, sizes in result.by_split():
+                    for split, flat, sizes in result.by_split(to_eval):
                         writers[split].write_many(flat, sizes)
-                bar.update(result.dialogues)
+                bar.update(len(result.per_dialogue))
         for split, packer in packers.items():
             for record in packer.flush():
                 writers[split].write(record)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -223,7 +223,8 @@ def detect_format(obj: Any) -> str | None:
 # Raw records: (line, decoded object, record text) or a DataError, from JSON lines or a JSON array.
 
 
-def _is_json_array(path: Path) -> bool:
+def is_json_array(path: str | os.PathLike) -> bool:
+    """Whether a data file is one JSON array (else JSON lines): its first non-blank character is `[`."""
     with open(path, "rb") as f:
         head = f.read(4096)
         while head:
@@ -234,32 +235,57 @@ def _is_json_array(path: Path) -> bool:
     return False
 
 
+def decode_json_line(raw: bytes, lineno: int, name: str) -> tuple[Any, str] | DataError | None:
+    """One line of a JSON lines file, as read in binary (line 1 may start with a byte-order mark): (object,
+    record text), a DataError (not UTF-8, invalid JSON) or None for a blank line. `name` is the file."""
+    if lineno == 1:
+        raw = raw.removeprefix(_BOM)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return DataError(
+            f"{name}:{lineno}",
+            f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+            raw=raw.decode("utf-8", "replace").rstrip("\r\n"),
+        )
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text), text.rstrip("\r\n")
+    except json.JSONDecodeError as e:
+        hint = ""
+        if e.pos >= len(text.rstrip()):  # the record goes on past the line: pretty-printed JSON?
+            hint = " (JSON lines need one whole record per line; pretty-printed records go in a JSON array)"
+        return DataError(
+            f"{name}:{lineno}", f"invalid JSON: {e.msg} at column {e.colno}{hint}", raw=text.rstrip("\r\n")
+        )
+
+
 def _iter_json_lines(path: Path, name: str) -> Iterator[tuple[int, Any, str] | DataError]:
     with open(path, "rb") as f:  # binary iteration: one line in memory at a time
         for lineno, raw in enumerate(f, 1):
-            if lineno == 1:
-                raw = raw.removeprefix(_BOM)
-            src = f"{name}:{lineno}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield DataError(
-                    src,
-                    f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
-                    raw=raw.decode("utf-8", "replace").rstrip("\r\n"),
-                )
+            decoded = decode_json_line(raw, lineno, name)
+            if decoded is None:
                 continue
-            if not text.strip():
-                continue
-            try:
-                yield lineno, json.loads(text), text.rstrip("\r\n")
-            except json.JSONDecodeError as e:
-                hint = ""
-                if e.pos >= len(text.rstrip()):  # the record goes on past the line: pretty-printed JSON?
-                    hint = " (JSON lines need one whole record per line; pretty-printed records go in a JSON array)"
-                yield DataError(
-                    src, f"invalid JSON: {e.msg} at column {e.colno}{hint}", raw=text.rstrip("\r\n")
-                )
+            yield decoded if isinstance(decoded, DataError) else (lineno, *decoded)
+
+
+def iter_line_chunks(
+    path: str | os.PathLike, size: int, max_bytes: int = 1 << 17
+) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, raw lines) of a JSON lines file, in order, `size` lines at a time or fewer
+    when they reach `max_bytes` (long records: the chunks in flight stay small). Reading without decoding, so
+    that the decoding can be spread over processes (see `parse_json_lines`)."""
+    with open(path, "rb") as f:
+        lineno, lines, nbytes = 1, [], 0
+        for raw in f:
+            lines.append(raw)
+            nbytes += len(raw)
+            if len(lines) >= size or nbytes >= max_bytes:
+                yield lineno, lines
+                lineno, lines, nbytes = lineno + len(lines), [], 0
+        if lines:
+            yield lineno, lines
 
 
 def _iter_json_array(path: Path, name: str) -> Iterator[tuple[int, Any, str] | DataError]:
@@ -318,8 +344,58 @@ def iter_json_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str] 
     record that is not valid UTF-8 JSON."""
     path = Path(path)
     name = str(path)
-    reader = _iter_json_array if _is_json_array(path) else _iter_json_lines
+    reader = _iter_json_array if is_json_array(path) else _iter_json_lines
     return reader(path, name)
+
+
+class DialogueParser:
+    """Decoded records of one file -> `Dialogue`s (or the `DataError` of a bad record), in file order.
+
+    With format "auto", the format is decided by the first record that is an object with recognisable keys,
+    and kept for the rest of the file; `format` says the one in use ("auto" until then).
+    """
+
+    def __init__(self, name: str, format: str = "auto"):
+        if format != "auto" and format not in PARSERS:
+            raise ValueError(f"unknown data format {format!r}; choose one of {', '.join(FORMATS)} or 'auto'")
+        self.name = name
+        self.format = format
+
+    def __call__(self, lineno: int, obj: Any, raw: str) -> Dialogue | DataError:
+        src = f"{self.name}:{lineno}"
+        try:
+            if not isinstance(obj, dict):
+                raise DataError(src, f"expected a JSON object, got {type(obj).__name__}", raw=raw)
+            if self.format == "auto":
+                detected = detect_format(obj)
+                if detected is None:
+                    raise DataError(
+                        src,
+                        f"cannot tell the data format from the keys {sorted(obj)}; set format= to one of "
+                        + ", ".join(FORMATS),
+                        raw=raw,
+                    )
+                self.format = detected
+            return PARSERS[self.format](obj, src)
+        except DataError as e:
+            e.raw = raw
+            return e
+
+
+def parse_json_lines(
+    name: str, lines: Iterable[bytes], first_line: int, format: str = "auto"
+) -> list[Dialogue | DataError]:
+    """The dialogues (and errors) of consecutive raw lines of JSON lines file `name`, the first being line
+    `first_line`: what `iter_dialogues(name, format, errors="yield")` yields for those lines when `format` is
+    the file's format, or "auto" for lines up to the one that decides it."""
+    parse = DialogueParser(name, format)
+    items: list[Dialogue | DataError] = []
+    for lineno, raw in enumerate(lines, first_line):
+        decoded = decode_json_line(raw, lineno, name)
+        if decoded is None:
+            continue
+        items.append(decoded if isinstance(decoded, DataError) else parse(lineno, *decoded))
+    return items
 
 
 def iter_dialogues(
@@ -330,36 +406,12 @@ def iter_dialogues(
     """Stream the `Dialogue`s of one file. With `errors="yield"`, a bad record yields its `DataError` (with
     `.source`, `.field`, `.raw`) and reading goes on; with "raise" the first bad record raises it.
     `format="auto"` decides the format from the first record that decodes, for the whole file."""
-    if format != "auto" and format not in PARSERS:
-        raise ValueError(f"unknown data format {format!r}; choose one of {', '.join(FORMATS)} or 'auto'")
-    parser = PARSERS.get(format)
+    parse = DialogueParser(f"{path}", format)
     for item in iter_json_records(path):
-        if isinstance(item, DataError):
-            error = item
-        else:
-            lineno, obj, raw = item
-            src = f"{path}:{lineno}"
-            try:
-                if not isinstance(obj, dict):
-                    raise DataError(src, f"expected a JSON object, got {type(obj).__name__}", raw=raw)
-                if parser is None:
-                    detected = detect_format(obj)
-                    if detected is None:
-                        raise DataError(
-                            src,
-                            f"cannot tell the data format from the keys {sorted(obj)}; set format= to one of "
-                            + ", ".join(FORMATS),
-                            raw=raw,
-                        )
-                    parser = PARSERS[detected]
-                yield parser(obj, src)
-                continue
-            except DataError as e:
-                e.raw = raw
-                error = e
-        if errors == "raise":
-            raise error
-        yield error
+        result = item if isinstance(item, DataError) else parse(*item)
+        if isinstance(result, DataError) and errors == "raise":
+            raise result
+        yield result
 
 
 def read_dialogues(path: str | os.PathLike, format: str = "auto") -> list[Dialogue]:
