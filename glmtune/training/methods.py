@@ -158,6 +158,7 @@ def _wrap_peft(model: nn.Module, cfg: TaskConfig, total_steps: int | None) -> nn
     from peft import AdaLoraConfig, IA3Config, LoraConfig, TaskType, get_peft_model
 
     from glmtune.models import quantization
+    from glmtune.training.fused_lora import register_fused_lora
 
     quantization.register_with_peft()
     family = model_family(model)
@@ -173,6 +174,8 @@ def _wrap_peft(model: nn.Module, cfg: TaskConfig, total_steps: int | None) -> nn
             target_modules=targets,
             **common,
         )
+        if not cfg.lora.use_dora:
+            register_fused_lora(peft_config)
     elif cfg.method == "adalora":
         if not total_steps:
             raise ValueError("adalora needs the number of optimizer steps for its rank-budget schedule")

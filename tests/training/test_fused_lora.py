@@ -1,0 +1,86 @@
+"""FusedLoraLinear computes what PEFT's LoRA computes, trains the same tensors, and saves PEFT's format."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from glmtune.training.fused_lora import fused_lora_linear_class, register_fused_lora
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 40)
+        self.down = nn.Linear(40, 16, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def wrap(fused: bool, dtype=torch.float32, **lora):
+    torch.manual_seed(0)
+    model = TwoLayers().to(dtype)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], **lora)
+    if fused:
+        register_fused_lora(config)
+    peft_model = get_peft_model(model, config)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # non-zero B, so the update is not trivially zero
+            nn.init.normal_(p, std=0.1)
+    return peft_model
+
+
+@pytest.mark.parametrize("lora", [{}, {"use_rslora": True}, {"lora_dropout": 0.0}])
+def test_same_outputs_and_gradients_as_peft(lora):
+    plain, fused = wrap(False, **lora), wrap(True, **lora)
+    assert type(fused.base_model.model.up).__name__ == "FusedLoraLinear"
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 5, 16)
+    out_plain, out_fused = plain(x), fused(x)
+    torch.testing.assert_close(out_fused, out_plain, rtol=1e-5, atol=1e-6)
+    out_plain.square().sum().backward()
+    out_fused.square().sum().backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)
+    for n, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_bf16_base_with_fp32_adapter_stays_bf16_and_close():
+    plain, fused = wrap(False), wrap(True)
+    fused.load_state_dict(plain.state_dict())
+    for model in (plain, fused):
+        for name, module in model.named_modules():
+            if name.endswith(("up.base_layer", "down.base_layer")):
+                module.to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    out = fused.base_model.model.up(x)
+    assert out.dtype == torch.bfloat16
+    reference = plain.base_model.model.up(x)
+    torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_disabled_and_merged_adapters_fall_back():
+    fused = wrap(True)
+    torch.manual_seed(0)
+    base = TwoLayers()  # the same initial weights wrap() started from
+    x = torch.randn(2, 16)
+    with fused.disable_adapter():
+        torch.testing.assert_close(fused(x), base(x))
+    assert not torch.allclose(fused(x), base(x))
+    merged = copy.deepcopy(fused).merge_and_unload()
+    torch.testing.assert_close(merged(x), fused(x), rtol=1e-5, atol=1e-6)
+
+
+def test_saved_adapter_loads_into_plain_peft(tmp_path):
+    fused = wrap(True)
+    fused.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(TwoLayers(), tmp_path)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(loaded(x), fused(x), rtol=1e-5, atol=1e-6)
+    assert fused_lora_linear_class().__name__ == "FusedLoraLinear"
