@@ -282,6 +282,8 @@ class TrainArgs:
         seed: global seed (data order, initialisation, dropout).
         log_every_n_steps: logging interval in optimizer steps.
         eval_every_n_steps: also evaluate every N optimizer steps (0 = at the end of each epoch only).
+        eval_generate: at each evaluation also answer the first N eval turns (greedy, `generation.*`) and log
+            exact match, ROUGE-1/2/L and BLEU-4 (0 = loss only).
         save_every_n_steps: also keep a checkpoint every N optimizer steps (0 = off).
         max_bad_steps: stop after this many non-finite losses in a row (each one is skipped).
         resume: checkpoint to resume from ("last" = output_dir/checkpoints/last.ckpt).
@@ -310,6 +312,7 @@ class TrainArgs:
     seed: int = 42
     log_every_n_steps: int = 5
     eval_every_n_steps: int = 0
+    eval_generate: int = 0
     save_every_n_steps: int = 0
     max_bad_steps: int = 10
     resume: str | None = None
@@ -324,7 +327,13 @@ class TrainArgs:
         for key in ("batch_size", "eval_batch_size", "accumulate_grad_batches", "max_bad_steps", "num_nodes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "eval_every_n_steps", "save_every_n_steps", "dataloader_workers"):
+        for key in (
+            "warmup_steps",
+            "eval_every_n_steps",
+            "eval_generate",
+            "save_every_n_steps",
+            "dataloader_workers",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.max_steps == 0 or self.max_steps < -1:

@@ -30,6 +30,7 @@ from glmtune.training.distributed import (
     make_strategy,
     precision_args,
 )
+from glmtune.training.generation_eval import GenerationEval
 from glmtune.training.methods import (
     apply_method,
     cast_trainable_fp32,
@@ -217,7 +218,21 @@ def _data(cfg: TaskConfig):
         if eval_set is not None and len(eval_set)
         else None
     )
-    return records.tokenizer, train_loader, eval_loader
+    return records, train_loader, eval_loader
+
+
+def generation_eval(cfg: TaskConfig, records) -> GenerationEval | None:
+    """The `train.eval_generate` callback: the first N turns of the eval files, scored after each evaluation."""
+    if not cfg.train.eval_generate or not cfg.data.eval_files:
+        return None
+    from glmtune.inference import prediction_items
+    from glmtune.tokenizers.prompts import get_template
+
+    items: list[dict] = []
+    for file in cfg.data.eval_files:
+        items += list(prediction_items(resolve_path(file), cfg.data.format))
+    template = get_template(records.template_name, records.tokenizer)
+    return GenerationEval(items[: cfg.train.eval_generate], records.tokenizer, template, cfg.generation)
 
 
 def train(
@@ -229,11 +244,14 @@ def train(
     """Train `cfg.method` on `cfg.data` and save the artifact; every data-parallel process runs this."""
     check_config(cfg)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    tokenizer, train_loader, eval_loader = _data(cfg)
+    records, train_loader, eval_loader = _data(cfg)
+    tokenizer = records.tokenizer
     model = load_for_method(cfg)
     if hasattr(model, "loss_chunk_size"):
         # Training needs only the loss: score supervised tokens chunk by chunk, no full fp32 logits.
         model.loss_chunk_size = LOSS_CHUNK_TOKENS
+    scorer = generation_eval(cfg, records)
+    callbacks = [*(callbacks or []), *([scorer] if scorer else [])]
     trainer = make_trainer(cfg, model, callbacks=callbacks, **trainer_overrides)
 
     epoch_steps = steps_per_epoch(
