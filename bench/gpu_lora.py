@@ -184,19 +184,13 @@ def run_peer(shapes, args, device, dtype, matmul, report=None) -> list[Result]:
         r = Result("peer", f"{seq}x{batch_size}")
         try:
             reset_peak(device)
-            times = []
-            for step in range(args.warmup + args.steps):
-                batch = random_batch(batch_size, seq, s["padded_vocab_size"], device)
-                sync(device)
-                t0 = time.perf_counter()
-                loss = model(**batch).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                sync(device)
-                if step >= args.warmup:
-                    times.append(time.perf_counter() - t0)
-                    r.losses.append(float(loss.detach()))
+            times, r.losses = plain_loop_steps(
+                model,
+                optimizer,
+                lambda b=batch_size, n=seq: random_batch(b, n, s["padded_vocab_size"], device),
+                args,
+                device,
+            )
             fill(r, times, batch_size, seq, s, matmul, device)
         except torch.cuda.OutOfMemoryError as err:
             r.note = f"OOM: {str(err)[:80]}"
@@ -208,6 +202,24 @@ def run_peer(shapes, args, device, dtype, matmul, report=None) -> list[Result]:
     del model, optimizer
     reset_peak(device)
     return results
+
+
+def plain_loop_steps(model, optimizer, make_batch, args, device) -> tuple[list[float], list[float]]:
+    """warmup + steps optimizer steps in a plain loop: the timed steps' seconds and losses."""
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        batch = make_batch()
+        sync(device)
+        t0 = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(float(loss.detach()))
+    return times, losses
 
 
 def fill(
@@ -462,18 +474,13 @@ def run_v1_memory(args, device, dtype, matmul, report=None) -> list[Result]:
             labels = ids.clone()
             labels[0, : seq // 2 + 1] = -100
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            times = []
-            for step in range(args.warmup + args.steps):
-                sync(device)
-                t0 = time.perf_counter()
-                loss = model(input_ids=ids, labels=labels).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                sync(device)
-                if step >= args.warmup:
-                    times.append(time.perf_counter() - t0)
-                    r.losses.append(float(loss.detach()))
+            times, r.losses = plain_loop_steps(
+                model,
+                optimizer,
+                lambda ids=ids, labels=labels: {"input_ids": ids, "labels": labels},
+                args,
+                device,
+            )
             r.step_s = sorted(times)[len(times) // 2]
             r.tokens_per_s = seq / r.step_s
             r.peak_gib = peak_gib(device)
