@@ -204,8 +204,11 @@ class SelfAttention(nn.Module):
             # P-Tuning v2: learned (un-rotated) keys/values in front of the real tokens, never cached.
             key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
             value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
-        if self.num_kv_heads != self.num_heads:
-            # Head h reads group h // (heads / groups).
+        # Head h reads group h // (heads / groups). Without a mask SDPA does that itself (flash attention reads
+        # the groups in place: no copies of K and V per head, in memory and in the backward); the kernels that
+        # take a mask do not, and SDPA would fall back to its slow math path.
+        grouped = self.num_kv_heads != self.num_heads and attention_mask is None
+        if self.num_kv_heads != self.num_heads and not grouped:
             repeats = self.num_heads // self.num_kv_heads
             key = key.repeat_interleave(repeats, dim=1)
             value = value.repeat_interleave(repeats, dim=1)
@@ -219,6 +222,7 @@ class SelfAttention(nn.Module):
             attn_mask=attention_mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
             is_causal=attention_mask is None and seq_len == key.shape[2] and seq_len > 1,
+            enable_gqa=grouped,
         )
         context = context.transpose(1, 2).reshape(batch, seq_len, self.projection_size)
         return self.dense(context)
