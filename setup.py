@@ -46,6 +46,7 @@ setup(
             "rouge-chinese>=1.0.3",
             "jieba>=0.42",
             "deepspeed>=0.15",
+            "datasets>=3.0",
         ],
     },
 )
