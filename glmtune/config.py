@@ -279,6 +279,13 @@ class TrainArgs:
             deepspeed_stage_3_offload, or a DeepSpeed JSON file (config/deepspeed/*.json).
         num_nodes: machines (MASTER_ADDR / MASTER_PORT / NODE_RANK from the environment).
         gradient_checkpointing: recompute activations in the backward pass.
+        checkpoint_layers: with gradient_checkpointing, recompute only the first N transformer blocks (null:
+            all). The others keep their activations: faster steps for more memory (ChatGLM models).
+        compile: torch.compile each transformer block (fuses norms, rotary, SwiGLU and LoRA's elementwise work;
+            fewer kernel launches). The first steps of each new sequence length compile. Not with DeepSpeed or
+            FSDP.
+        compile_mode: torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune or
+            max-autotune-no-cudagraphs.
         seed: global seed (data order, initialisation, dropout).
         log_every_n_steps: logging interval in optimizer steps.
         eval_every_n_steps: also evaluate every N optimizer steps (0 = at the end of each epoch only).
@@ -309,6 +316,11 @@ class TrainArgs:
     strategy: str = "auto"
     num_nodes: int = 1
     gradient_checkpointing: bool = False
+    checkpoint_layers: int | None = None
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "default"
+    )
     seed: int = 42
     log_every_n_steps: int = 5
     eval_every_n_steps: int = 0
@@ -336,6 +348,10 @@ class TrainArgs:
         ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
+            raise ConfigError(
+                f"train.checkpoint_layers must be >= 0 or null (all), got {self.checkpoint_layers}"
+            )
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"train.max_steps must be -1 (use max_epochs) or >= 1, got {self.max_steps}")
 

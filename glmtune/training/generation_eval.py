@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 
 from glmtune.config import GenerationArgs
+from glmtune.training.compile import eager
 
 
 class GenerationEval(L.Callback):
@@ -29,11 +30,12 @@ class GenerationEval(L.Callback):
         from glmtune.generation import ChatEngine
 
         engine = ChatEngine(pl_module.model, self.tokenizer, self.template, self.generation)
-        completions = engine.batch_complete(
-            [item["query"] for item in self.items],
-            [item["history"] for item in self.items],
-            [item.get("system") for item in self.items],
-        )
+        with eager():  # compiled blocks (train.compile) would recompile at every length of the growing cache
+            completions = engine.batch_complete(
+                [item["query"] for item in self.items],
+                [item["history"] for item in self.items],
+                [item.get("system") for item in self.items],
+            )
         self.predictions = [c.text for c in completions]
         references = [item["reference"] for item in self.items]
         scores = {

@@ -23,6 +23,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from glmtune.config import ConfigError, TaskConfig, resolve_path
+from glmtune.training.compile import compile_blocks
 from glmtune.training.distributed import (
     gather_model_state,
     is_deepspeed,
@@ -85,11 +86,30 @@ def check_config(cfg: TaskConfig) -> None:
     ):
         # Lightning would silently switch to bf16-mixed on a CPU.
         raise ConfigError("train.precision=16-mixed needs a GPU (fp16 autocast); on CPU use bf16-mixed or 32")
+    if cfg.train.compile and (is_deepspeed(cfg.train.strategy) or cfg.train.strategy == "fsdp"):
+        raise ConfigError(
+            f"train.compile is not supported with train.strategy={cfg.train.strategy} (the strategy wraps and "
+            "partitions the blocks itself); use strategy auto or ddp, or set train.compile: false"
+        )
+    if cfg.train.checkpoint_layers is not None and not cfg.train.gradient_checkpointing:
+        raise ConfigError("train.checkpoint_layers needs train.gradient_checkpointing: true")
     if (is_deepspeed(cfg.train.strategy) or cfg.train.strategy == "fsdp") and not torch.cuda.is_available():
         raise ConfigError(
             f"train.strategy={cfg.train.strategy}: Lightning runs DeepSpeed and FSDP on CUDA GPUs only; "
             "none is visible"
         )
+
+
+def set_checkpoint_layers(model: torch.nn.Module, n: int) -> None:
+    """Recompute only the first `n` blocks under gradient checkpointing (the ChatGLM models' block stacks)."""
+    stacks = [m for m in model.modules() if hasattr(m, "checkpoint_layers")]
+    if not stacks:
+        raise ConfigError(
+            f"train.checkpoint_layers: {type(model).__name__} has no selective checkpointing (ChatGLM models "
+            "only); remove the key to recompute every block"
+        )
+    for stack in stacks:
+        stack.checkpoint_layers = n
 
 
 def _stop_point_checkpoint_class():
@@ -268,6 +288,8 @@ def train(
     if cfg.train.gradient_checkpointing and cfg.train.strategy != "fsdp":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        if cfg.train.checkpoint_layers is not None:
+            set_checkpoint_layers(model, cfg.train.checkpoint_layers)
     model = apply_method(model, cfg, total_steps)
     if cfg.train.strategy == "fsdp":
         # FSDP flattens each wrapped block into buffers of one dtype: all fp32 under mixed precision (FSDP
@@ -276,6 +298,8 @@ def train(
             model.float()
     elif is_mixed(cfg.train.precision):
         cast_trainable_fp32(model)  # fp32 master weights; autocast runs the matmuls in half
+    if cfg.train.compile:
+        compile_blocks(model, cfg.train.compile_mode)
     model.train()
     trainable, total = count_parameters(model)
     if trainer.is_global_zero:

@@ -1,0 +1,147 @@
+"""train.compile (torch.compile'd transformer blocks) and train.checkpoint_layers (selective recomputation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from glmtune.config import ConfigError
+from glmtune.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
+from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
+from glmtune.training.compile import compile_blocks, transformer_blocks
+from glmtune.training.trainer import check_config, set_checkpoint_layers, train
+from tests.training.conftest import make_cfg
+from tests.training.training_helpers import LossProbe
+
+
+def chatglm2(layers: int = 3) -> ChatGLM2ForConditionalGeneration:
+    torch.manual_seed(0)
+    config = ChatGLM2Config(
+        num_layers=layers,
+        hidden_size=48,
+        num_attention_heads=4,
+        kv_channels=12,
+        multi_query_attention=True,
+        multi_query_group_num=2,
+        ffn_hidden_size=96,
+        padded_vocab_size=101,
+    )
+    return ChatGLM2ForConditionalGeneration(config)
+
+
+def chatglm(layers: int = 3) -> ChatGLMForConditionalGeneration:
+    torch.manual_seed(0)
+    config = ChatGLMConfig(
+        num_layers=layers, hidden_size=32, inner_hidden_size=64, num_attention_heads=4, vocab_size=150,
+        bos_token_id=140, eos_token_id=141, mask_token_id=142, gmask_token_id=143,
+    )  # fmt: skip
+    return ChatGLMForConditionalGeneration(config)
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_transformer_blocks_are_the_block_stacks():
+    from peft import LoraConfig, get_peft_model
+
+    v2, v1, other = chatglm2(), chatglm(), llama()
+    assert transformer_blocks(v2) is v2.transformer.encoder.layers
+    assert transformer_blocks(v1) is v1.transformer.layers
+    assert transformer_blocks(other) is other.model.layers
+    wrapped = get_peft_model(v2, LoraConfig(r=4, target_modules=["query_key_value"]))
+    assert transformer_blocks(wrapped) is v2.transformer.encoder.layers
+    with pytest.raises(ValueError, match="no stack of transformer blocks"):
+        transformer_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def block_calls(model, stack, ids) -> list[int]:
+    """How often each block starts in one training forward + backward (2 = recomputed in the backward; the
+    recomputation stops early, once it has what the backward needs, so count starts)."""
+    calls = [0] * len(stack)
+    hooks = [
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, block in enumerate(stack)
+    ]
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for hook in hooks:
+        hook.remove()
+    return calls
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+def test_checkpoint_layers_recomputes_only_the_first_blocks(family):
+    model = chatglm() if family == "chatglm" else chatglm2()
+    stack = transformer_blocks(model)
+    ids = torch.randint(5, 100, (2, 9))
+    if family == "chatglm":  # ChatGLM-6B needs its [gMASK] and bos in every sequence
+        ids[:, -2:] = torch.tensor([model.config.gmask_token_id, model.config.bos_token_id])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert block_calls(model, stack, ids) == [2, 2, 2]
+    set_checkpoint_layers(model, 1)
+    assert block_calls(model, stack, ids) == [2, 1, 1]
+    set_checkpoint_layers(model, 0)
+    assert block_calls(model, stack, ids) == [1, 1, 1]
+
+
+def test_checkpoint_layers_is_refused_where_it_cannot_apply(tiny_chatglm2, tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="has no selective checkpointing"):
+        set_checkpoint_layers(llama(), 1)
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", checkpoint_layers=1)
+    with pytest.raises(ConfigError, match="needs train.gradient_checkpointing"):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match="checkpoint_layers must be >= 0"):
+        make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", checkpoint_layers=-1)
+
+
+def test_compile_is_refused_with_sharding_strategies(tiny_chatglm2, tiny_data, tmp_path):
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", compile=True, strategy="deepspeed_stage_2")
+    with pytest.raises(ConfigError, match="train.compile is not supported with train.strategy=deepspeed"):
+        check_config(cfg)
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        compile_blocks(chatglm2(), "fastest")
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_blocks(tiny_chatglm2, tiny_data, tmp_path):
+    """Same seed, same data: the compiled run's losses and saved adapter match the eager run's (fp32, so only
+    the compiler's reordering of sums differs), and the artifact has the same names."""
+    import lightning as L
+
+    class BlocksCompiled(L.Callback):
+        def on_train_start(self, trainer, module):
+            self.compiled = [b._compiled_call_impl is not None for b in transformer_blocks(module.model)]
+
+    runs = {}
+    for compiled in (False, True):
+        probe, check = LossProbe(), BlocksCompiled()
+        cfg = make_cfg(
+            tiny_chatglm2,
+            tiny_data,
+            tmp_path / f"run-{compiled}",
+            max_epochs=1,
+            compile=compiled,
+            gradient_checkpointing=True,
+            checkpoint_layers=1,
+        )
+        cfg.data.eval_files = []
+        result = train(cfg, callbacks=[probe, check], enable_progress_bar=False)
+        weights = load_file(result.artifact_dir / "adapter_model.safetensors")
+        runs[compiled] = (probe.step_losses, weights, check.compiled)
+    (eager_losses, eager_weights, eager_flags), (losses, weights, flags) = runs[False], runs[True]
+    assert flags == [True, True] and eager_flags == [False, False]
+    assert len(losses) == len(eager_losses) >= 5
+    for key, loss in eager_losses.items():
+        assert losses[key] == pytest.approx(loss, rel=1e-4, abs=1e-5), key
+    assert losses[max(losses)] < losses[min(losses)]  # and it learns
+    assert set(weights) == set(eager_weights)
+    for name, tensor in eager_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
