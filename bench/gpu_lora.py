@@ -4,12 +4,13 @@ Both sides train the same ChatGLM2-6B-shaped network with random bf16 weights, L
 linear, AdamW, SDPA attention. The peer is the stack users would otherwise reach for, in a plain loop with
 full gradient checkpointing. glmtune runs its real LightningModule and method code (apply_method +
 CausalLMModule under a Lightning Trainer) with its optimisations: chunked cross entropy (no fp32 logits over
-the vocabulary), selective activation checkpointing sized to stay under the peer's peak memory, and
-torch.compile'd blocks for small batches. Then ChatGLM-6B (v1) LoRA at 128 x 1 with bf16, int8 and int4
-weights reports peak memory.
+the vocabulary), selective activation checkpointing sized to stay under the peer's peak memory, fused LoRA.
+Then ChatGLM-6B (v1) LoRA at 128 x 1 with bf16, int8 and int4 weights reports peak memory. Last, rows
+"glmtune+compile" repeat glmtune's with `train.compile` (torch.compile'd blocks) on CUDA.
 
     python bench/gpu_lora.py                 # on a CUDA machine: the full table (about 5 minutes on an H200)
     python bench/gpu_lora.py --tiny          # tiny sizes on CPU: checks the script itself
+    python bench/gpu_lora.py --profile 1024x8 --skip v1,compile   # + the top kernels of glmtune's step there
 
 Prints a table and writes JSON to bench/results/gpu_lora-<card>.json.
 """
@@ -364,6 +365,37 @@ def loss_parity(
     return curves[0], curves[1]
 
 
+def _shape(text: str) -> tuple[int, int]:
+    """ "SEQxBATCH" -> (batch, seq)."""
+    seq, batch = (int(x) for x in text.split("x"))
+    return batch, seq
+
+
+def profile_step(model, batch_size: int, seq: int, vocab: int, device, rows: int = 25) -> None:
+    """The kernels of two training steps (forward, backward, AdamW) at one shape, by device time: where the
+    time of glmtune's step goes, for the next optimisation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def step() -> None:
+        batch = random_batch(batch_size, seq, vocab, device)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocator, cuBLAS handles
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of 2 glmtune steps at {seq}x{batch_size}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+
+
 def checkpointed_layers_needed(budget_gib, static_gib, act_gib_per_token_layer, tokens, layers) -> int:
     """Fewest recomputed blocks keeping static + activations under the budget (0 = no recompute)."""
     kept_per_layer = act_gib_per_token_layer * tokens
@@ -384,6 +416,8 @@ def run_glmtune(
     side: str = "glmtune",
     report=None,
 ) -> list[Result]:
+    from glmtune.training.compile import compile_blocks
+
     s = chatglm2_shape(args.tiny)
     model = glmtune_lora_model(s, device, dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -393,6 +427,7 @@ def run_glmtune(
     static = allocated_gib(device)
     act_per_token_layer = None
     results = []
+    recomputed: dict[str, int] = {}  # shape -> blocks recomputed in its row
     for batch_size, seq in shapes:
         tokens = batch_size * seq
         name = f"{seq}x{batch_size}"
@@ -408,8 +443,7 @@ def run_glmtune(
         for attempt in range(2):
             encoder.checkpoint_layers = k
             if compiled:
-                for block in encoder.layers:
-                    block.compile()
+                compile_blocks(model)  # what train.compile does
             try:
                 reset_peak(device)
                 times, losses = fit_steps(model, batch_size, seq, s["padded_vocab_size"], args, device)
@@ -435,9 +469,14 @@ def run_glmtune(
                 layers, checkpointed_layers_needed(budget, static, act_per_token_layer, tokens, layers) + 1
             )
         results.append(r)
+        recomputed[name] = k
         print(row(r), flush=True)
         if report:
             report(r)
+    if args.profile and not compile_small:
+        batch_size, seq = _shape(args.profile)
+        encoder.checkpoint_layers = recomputed.get(args.profile, layers)  # as in that shape's row
+        profile_step(model, batch_size, seq, s["padded_vocab_size"], device)
     if not compile_small:
         optimised, plain = loss_parity(model, encoder, s["padded_vocab_size"], device)
         r = Result(
@@ -520,9 +559,15 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-margin", type=float, default=0.97, help="glmtune's budget = this x peer peak"
     )
     parser.add_argument(
-        "--compile-max-tokens", type=int, default=512, help="compile blocks up to this many tokens"
+        "--compile-max-tokens",
+        type=int,
+        default=1 << 30,
+        help="the torch.compile rows: only shapes of up to this many tokens (default: all)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument(
+        "--profile", default="", help="SEQxBATCH: also print the top kernels of glmtune's step at that shape"
+    )
     parser.add_argument("--skip", default="", help="comma list of parts to skip: peer,glmtune,v1,compile")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -571,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         run_glmtune(shapes, peer_by_shape, args, device, dtype, matmul, report=save)
     if "v1" not in skip:
         run_v1_memory(args, device, dtype, matmul, report=save)
-    # Last, as it may take a while to compile: small batches with torch.compile'd blocks.
+    # Last, as it may take a while to compile: glmtune with train.compile (torch.compile'd blocks).
     if "compile" not in skip and device.type == "cuda" and not args.no_compile:
         run_glmtune(
             shapes,
