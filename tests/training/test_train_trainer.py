@@ -50,6 +50,15 @@ def test_weight_decay_skips_vectors():
     assert decays == {id(matrix): 0.1, id(vector): 0.0}
 
 
+def test_adamw_is_fused_on_cuda_only():
+    args = TrainArgs()
+    on_cpu = build_optimizer([("m", torch.nn.Parameter(torch.zeros(2, 2)))], args)
+    assert not on_cpu.defaults["fused"]
+    if torch.cuda.is_available():
+        on_gpu = build_optimizer([("m", torch.nn.Parameter(torch.zeros(2, 2, device="cuda")))], args)
+        assert on_gpu.defaults["fused"] is True
+
+
 def test_lion_and_missing_8bit_adam():
     pytest.importorskip("lion_pytorch")
     from lion_pytorch import Lion
