@@ -443,13 +443,15 @@ def run_glmtune(
         for attempt in range(2):
             encoder.checkpoint_layers = k
             if compiled:
-                compile_blocks(model)  # what train.compile does
+                compile_blocks(model, args.compile_mode)  # what train.compile does
             try:
                 reset_peak(device)
                 times, losses = fit_steps(model, batch_size, seq, s["padded_vocab_size"], args, device)
                 r.losses = losses
                 fill(r, times, batch_size, seq, s, matmul, device)
-                r.note = f"recompute {k}/{layers} blocks" + (", compiled blocks" if compiled else "")
+                r.note = f"recompute {k}/{layers} blocks" + (
+                    f", compiled ({args.compile_mode})" if compiled else ""
+                )
             except Exception as err:  # OOM or a compile failure: record it, retry once more conservatively
                 r.note = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
                 traceback.print_exc()
@@ -565,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the torch.compile rows: only shapes of up to this many tokens (default: all)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        help="train.compile_mode of the torch.compile rows (reduce-overhead: CUDA graphs too)",
+    )
     parser.add_argument(
         "--profile", default="", help="SEQxBATCH: also print the top kernels of glmtune's step at that shape"
     )
