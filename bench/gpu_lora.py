@@ -475,9 +475,9 @@ def run_glmtune(
         print(row(r), flush=True)
         if report:
             report(r)
-    if args.profile and not compile_small:
-        batch_size, seq = _shape(args.profile)
-        encoder.checkpoint_layers = recomputed.get(args.profile, layers)  # as in that shape's row
+    for shape_name in args.profile.split(",") if args.profile and not compile_small else []:
+        batch_size, seq = _shape(shape_name)
+        encoder.checkpoint_layers = recomputed.get(shape_name, layers)  # as in that shape's row
         profile_step(model, batch_size, seq, s["padded_vocab_size"], device)
     if not compile_small:
         optimised, plain = loss_parity(model, encoder, s["padded_vocab_size"], device)
@@ -573,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         help="train.compile_mode of the torch.compile rows (reduce-overhead: CUDA graphs too)",
     )
     parser.add_argument(
-        "--profile", default="", help="SEQxBATCH: also print the top kernels of glmtune's step at that shape"
+        "--profile",
+        default="",
+        help="SEQxBATCH[,SEQxBATCH...]: also print the top kernels of glmtune's step at these shapes",
     )
     parser.add_argument("--skip", default="", help="comma list of parts to skip: peer,glmtune,v1,compile")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))

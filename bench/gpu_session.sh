@@ -25,7 +25,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 transformers.__version__, 'peft', peft.__version__)" | tee -a "$out/gpu_session.log"
 
 if [ "$part" = lora ] || [ "$part" = all ]; then
-    timeout 390 python3 bench/gpu_lora.py --out "$out" 2>&1 | tee "$out/gpu_lora.log" | grep -v Warning
+    timeout 390 python3 bench/gpu_lora.py --out "$out" --profile 128x1,1024x8 2>&1 | tee "$out/gpu_lora.log" | grep -v Warning
 fi
 if [ "$part" = train ] || [ "$part" = all ]; then
     rm -rf /tmp/gpu_train_check-*
