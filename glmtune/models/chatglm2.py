@@ -204,10 +204,14 @@ class SelfAttention(nn.Module):
             # P-Tuning v2: learned (un-rotated) keys/values in front of the real tokens, never cached.
             key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
             value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
-        # Head h reads group h // (heads / groups). Without a mask SDPA does that itself (flash attention reads
-        # the groups in place: no copies of K and V per head, in memory and in the backward); the kernels that
-        # take a mask do not, and SDPA would fall back to its slow math path.
-        grouped = self.num_kv_heads != self.num_heads and attention_mask is None
+        # Head h reads group h // (heads / groups). Flash attention (half precision, no mask) does that itself,
+        # reading the groups in place: no copies of K and V per head, in memory and in the backward. The CUDA
+        # kernels that take a mask or fp32 do not, and SDPA would fall back to its slow math path.
+        grouped = (
+            self.num_kv_heads != self.num_heads
+            and attention_mask is None
+            and (query.device.type != "cuda" or query.dtype in (torch.float16, torch.bfloat16))
+        )
         if self.num_kv_heads != self.num_heads and not grouped:
             repeats = self.num_heads // self.num_kv_heads
             key = key.repeat_interleave(repeats, dim=1)
