@@ -11,6 +11,7 @@ Then ChatGLM-6B (v1) LoRA at 128 x 1 with bf16, int8 and int4 weights reports pe
     python bench/gpu_lora.py                 # on a CUDA machine: the full table (about 5 minutes on an H200)
     python bench/gpu_lora.py --tiny          # tiny sizes on CPU: checks the script itself
     python bench/gpu_lora.py --profile 1024x8 --skip v1,compile   # + the top kernels of glmtune's step there
+    python bench/gpu_lora.py --host-bound    # CPU stand-in for the launch-bound 128x1 case (see HOST_BOUND)
 
 Prints a table and writes JSON to bench/results/gpu_lora-<card>.json.
 """
@@ -50,7 +51,22 @@ class Result:
 # ---------------------------------------------------------------------------------------------- shapes
 
 
-def chatglm2_shape(tiny: bool) -> dict:
+# The CPU stand-in for the host-bound case (`--host-bound`): the 6B model's 28 blocks and its ops, but so narrow
+# that every op costs its launch and dispatch only, as a 6B model's ops at 128 x 1 do on a GPU.
+HOST_BOUND = dict(
+    num_layers=28,
+    hidden_size=64,
+    ffn_hidden_size=160,
+    num_attention_heads=4,
+    kv_channels=16,
+    multi_query_group_num=2,
+    padded_vocab_size=512,
+)
+
+
+def chatglm2_shape(tiny: bool | str) -> dict:
+    if tiny == "host-bound":
+        return dict(HOST_BOUND)
     if tiny:
         return dict(
             num_layers=2,
@@ -155,7 +171,7 @@ def run_peer(shapes, args, device, dtype, matmul, report=None) -> list[Result]:
     from peft import LoraConfig, get_peft_model
     from transformers import GlmConfig, GlmForCausalLM
 
-    s = chatglm2_shape(args.tiny)
+    s = chatglm2_shape("host-bound" if args.host_bound else args.tiny)
     config = GlmConfig(
         vocab_size=s["padded_vocab_size"],
         hidden_size=s["hidden_size"],
@@ -337,32 +353,39 @@ def fit_steps(model, batch_size: int, seq: int, vocab: int, args, device) -> tup
 
 
 def loss_parity(
-    model, encoder, vocab: int, device, steps: int = 4, seq: int = 512
-) -> tuple[list[float], list[float]]:
-    """The same LoRA steps from the same weights and data, optimised path vs unoptimised path
-    (full fp32 logits + every block recomputed): the loss curves must agree within bf16 noise."""
+    model, encoder, vocab: int, device, steps: int = 4, seq: int = 512, lr: float = 0.1
+) -> tuple[list[float], list[float], float]:
+    """The same LoRA steps from the same weights and data, optimised path vs unoptimised path (full fp32
+    logits + every block recomputed): (optimised losses, unoptimised losses, relative difference of the first
+    step's LoRA gradients). Plain SGD, whose steps are proportional to the gradients: Adam's first steps are
+    ~lr * sign(gradient) and would turn rounding noise in near-zero gradients into full-size differences."""
     inner = model.base_model.model
-    start = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    curves = []
+    trained = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    start = {k: v.detach().clone() for k, v in trained.items()}
+    curves, first_grads = [], []
     for chunk, recompute in ((inner.loss_chunk_size, 0), (0, None)):
         with torch.no_grad():
-            for k, v in model.named_parameters():
-                if k in start:
-                    v.copy_(start[k])
+            for k, v in trained.items():
+                v.copy_(start[k])
+                v.grad = None  # the Trainer leaves its last step's gradients behind
         inner.loss_chunk_size, encoder.checkpoint_layers = chunk, recompute
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        optimizer = torch.optim.SGD(list(trained.values()), lr=lr)
         g = torch.Generator().manual_seed(1)
         losses = []
-        for _ in range(steps):
+        for step in range(steps):
             ids = torch.randint(0, vocab, (1, seq), generator=g).to(device)
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
+            if step == 0:
+                first_grads.append(torch.cat([v.grad.float().flatten() for v in trained.values()]))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         curves.append(losses)
     inner.loss_chunk_size = 4096
-    return curves[0], curves[1]
+    optimised, plain = first_grads
+    grad_diff = float((optimised - plain).norm() / plain.norm().clamp_min(1e-30))
+    return curves[0], curves[1], grad_diff
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -418,7 +441,7 @@ def run_glmtune(
 ) -> list[Result]:
     from glmtune.training.compile import compile_blocks
 
-    s = chatglm2_shape(args.tiny)
+    s = chatglm2_shape("host-bound" if args.host_bound else args.tiny)
     model = glmtune_lora_model(s, device, dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     encoder = model.base_model.model.transformer.encoder
@@ -436,7 +459,9 @@ def run_glmtune(
             k = 0
         else:
             k = checkpointed_layers_needed(budget, static, act_per_token_layer, tokens, layers)
-        compiled = compile_small and device.type == "cuda" and tokens <= args.compile_max_tokens
+        compiled = (
+            compile_small and (device.type == "cuda" or args.host_bound) and tokens <= args.compile_max_tokens
+        )
         if compile_small and not compiled:
             continue
         r = Result(side, name)
@@ -480,7 +505,7 @@ def run_glmtune(
         encoder.checkpoint_layers = recomputed.get(shape_name, layers)  # as in that shape's row
         profile_step(model, batch_size, seq, s["padded_vocab_size"], device)
     if not compile_small:
-        optimised, plain = loss_parity(model, encoder, s["padded_vocab_size"], device)
+        optimised, plain, grad_diff = loss_parity(model, encoder, s["padded_vocab_size"], device)
         r = Result(
             "parity",
             "512x1",
@@ -489,7 +514,8 @@ def run_glmtune(
             + " ".join(f"{x:.4f}" for x in optimised)
             + " | unoptimised "
             + " ".join(f"{x:.4f}" for x in plain)
-            + f" | max diff {max(abs(a - b) for a, b in zip(optimised, plain)):.2e}",
+            + f" | max diff {max(abs(a - b) for a, b in zip(optimised, plain)):.2e}"
+            + f" | first-step gradient rel diff {grad_diff:.2e}",
         )
         print(r.note, flush=True)
         if report:
@@ -554,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (CPU check of the script)")
+    parser.add_argument(
+        "--host-bound",
+        action="store_true",
+        help="CPU stand-in for 128x1 on a GPU: 28 blocks of hidden 64, one thread, compiled rows too",
+    )
     parser.add_argument("--shapes", default="128x1,512x4,1024x8,2048x4", help="seq x batch list")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per shape")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per shape")
@@ -580,12 +611,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma list of parts to skip: peer,glmtune,v1,compile")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
+    if args.host_bound:
+        args.tiny = True  # CPU, fp32
+        args.shapes = "128x1"
+        args.skip += ",v1"
+        torch.set_num_threads(1)  # one thread issuing ops, as a GPU's host does
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}"
     shapes = [tuple(int(x) for x in s.split("x"))[::-1] for s in args.shapes.split(",")]  # (batch, seq)
-    if args.tiny:
+    if args.tiny and not args.host_bound:
         shapes = [(b, min(s, 64)) for b, s in shapes[:2]]
     torch.manual_seed(0)
     matmul = measure_matmul_flops(device, args.tiny)
@@ -598,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    file = out / f"gpu_lora-{card.replace(' ', '_')}.json"
+    file = out / f"gpu_lora-{card.replace(' ', '_')}{'-host-bound' if args.host_bound else ''}.json"
 
     def save(r: Result | None = None) -> None:
         """Rewrite the JSON after every row, so a run stopped early keeps what it measured."""
@@ -626,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     if "v1" not in skip:
         run_v1_memory(args, device, dtype, matmul, report=save)
     # Last, as it may take a while to compile: glmtune with train.compile (torch.compile'd blocks).
-    if "compile" not in skip and device.type == "cuda" and not args.no_compile:
+    if "compile" not in skip and (device.type == "cuda" or args.host_bound) and not args.no_compile:
         run_glmtune(
             shapes,
             peer_by_shape,

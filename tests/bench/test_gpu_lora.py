@@ -67,15 +67,20 @@ def test_chatglm_v1_trains_with_bf16_int8_and_int4_weights(run):
 def test_the_optimised_loss_curve_matches_the_unoptimised_one(run):
     report, stdout = run
     [parity] = rows(report, "parity").values()
-    # note: "optimised l1 l2 ... | unoptimised l1 l2 ... | max diff D"; losses: the optimised curve
-    match = re.fullmatch(r"optimised ([\d. ]+) \| unoptimised ([\d. ]+) \| max diff (\S+)", parity["note"])
+    # note: "optimised l1 l2 ... | unoptimised l1 l2 ... | max diff D | first-step gradient rel diff G";
+    # losses: the optimised curve. fp32 on the CPU: the two paths differ by rounding only.
+    match = re.fullmatch(
+        r"optimised ([\d. ]+) \| unoptimised ([\d. ]+) \| max diff (\S+) \| first-step gradient rel diff (\S+)",
+        parity["note"],
+    )
     assert match, parity["note"]
     optimised = [float(x) for x in match[1].split()]
     unoptimised = [float(x) for x in match[2].split()]
     assert optimised == pytest.approx(parity["losses"], abs=1e-4)  # the note prints 4 decimals
     assert len(unoptimised) == len(optimised) >= 2
+    assert optimised[-1] != optimised[0]  # the steps moved the weights: the comparison means something
     diff = max(abs(a - b) for a, b in zip(parity["losses"], unoptimised))
-    assert diff < 1e-2
+    assert diff < 1e-3
     assert float(match[3]) == pytest.approx(diff, abs=1e-4)
-    assert float(match[3]) < 1e-2
+    assert float(match[4]) < 1e-4
     assert parity["note"] in stdout
