@@ -1,6 +1,7 @@
 """FusedLoraLinear computes what PEFT's LoRA computes, trains the same tensors, and saves PEFT's format."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -62,6 +63,50 @@ def test_bf16_base_with_fp32_adapter_stays_bf16_and_close():
     assert out.dtype == torch.bfloat16
     reference = plain.base_model.model.up(x)
     torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
+def bf16_base(model):
+    for name, module in model.named_modules():
+        if name.endswith(("up.base_layer", "down.base_layer")):
+            module.to(torch.bfloat16)
+    return model
+
+
+def test_fp32_adapter_on_bf16_input_saves_the_bf16_input_only():
+    """Without dropout, lora_A keeps the bf16 input for its backward (not an fp32 copy, twice the bytes) and
+    computes exactly what the cast-then-linear path computes."""
+    cast_copy, kept = bf16_base(wrap(True)), bf16_base(wrap(True))
+    cast_copy.load_state_dict(kept.state_dict())
+    for name, module in cast_copy.named_modules():  # a Dropout(0) takes the plain path: cast, then lora_A
+        if name.endswith("lora_dropout"):
+            module["default"] = nn.Dropout(0.0)
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16)
+    layer = "up"
+    outputs, grads, saved = {}, {}, {}
+    for key, model in (("cast", cast_copy), ("kept", kept)):
+        x_in = x.clone().requires_grad_()
+        shapes = []
+
+        def pack(t, shapes=shapes):
+            shapes.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = getattr(model.base_model.model, layer)(x_in)
+        out.float().square().sum().backward()
+        outputs[key], saved[key] = out, shapes
+        grads[key] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None} | {"x": x_in.grad}
+    inputs = {
+        key: {dtype for shape, dtype in shapes if math.prod(shape) == x.numel()}
+        for key, shapes in saved.items()
+    }
+    assert torch.float32 in inputs["cast"]  # what PEFT's path keeps: the input cast to fp32
+    assert inputs["kept"] == {torch.bfloat16}
+    torch.testing.assert_close(outputs["kept"], outputs["cast"], rtol=0, atol=0)
+    assert set(grads["kept"]) == set(grads["cast"]) and len(grads["kept"]) == 3  # lora_A, lora_B, x
+    for name, grad in grads["cast"].items():
+        assert grads["kept"][name].dtype == grad.dtype
+        torch.testing.assert_close(grads["kept"][name], grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_disabled_and_merged_adapters_fall_back():
