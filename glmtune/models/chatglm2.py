@@ -21,6 +21,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from glmtune.models.lean_ops import rms_norm, swiglu
 from glmtune.models.losses import chunked_causal_lm_loss
 
 
@@ -91,11 +92,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
-        return (self.weight * hidden_states).to(input_dtype)
+        return rms_norm(hidden_states, self.weight, self.eps)  # keeps no fp32 copy for the backward
 
 
 def _norm(config: ChatGLM2Config) -> nn.Module:
@@ -245,8 +242,7 @@ class MLP(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        return self.dense_4h_to_h(swiglu(self.dense_h_to_4h(hidden_states)))
 
 
 class GLMBlock(nn.Module):

@@ -1,0 +1,75 @@
+"""lean_ops: ChatGLM2's RMSNorm and SwiGLU with autograd's outputs and gradients, bit for bit, keeping less."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmtune.models.lean_ops import rms_norm, swiglu
+
+
+def published_rms_norm(x, weight, eps):
+    xf = x.float()
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    return (weight * (xf * torch.rsqrt(variance + eps))).to(x.dtype)
+
+
+def published_swiglu(packed):
+    gate, up = packed.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def run(fn, inputs, grad):
+    """Output, input gradients and the (shape, dtype) of every tensor autograd saved."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    saved = []
+
+    def pack(t):
+        saved.append((math.prod(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*leaves)
+    out.backward(grad)
+    return out, [t.grad for t in leaves], saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_rms_norm_matches_autograd_bit_for_bit(dtype, train_weight):
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 64, dtype=dtype, requires_grad=True)
+    weight = (1 + 0.1 * torch.randn(64)).to(dtype).requires_grad_(train_weight)
+    grad = torch.randn(3, 7, 64, dtype=dtype)
+    ref_out, ref_grads, ref_saved = run(lambda a, w: published_rms_norm(a, w, 1e-5), [x, weight], grad)
+    out, grads, saved = run(lambda a, w: rms_norm(a, w, 1e-5), [x, weight], grad)
+    assert torch.equal(out, ref_out)
+    assert ref_grads[0] is not None and (ref_grads[1] is not None) == train_weight
+    for got, want in zip(grads, ref_grads):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    if dtype == torch.bfloat16:  # autograd keeps an fp32 copy of the input; rms_norm keeps the input
+        assert (x.numel(), torch.float32) in ref_saved and (x.numel(), torch.float32) not in saved
+    assert sum(n for n, _ in saved) < sum(n for n, _ in ref_saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_matches_autograd_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    packed = torch.randn(3, 7, 40, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 7, 20, dtype=dtype)
+    ref_out, [ref_grad], ref_saved = run(published_swiglu, [packed], grad)
+    out, [got], saved = run(swiglu, [packed], grad)
+    assert torch.equal(out, ref_out) and torch.equal(got, ref_grad)
+    assert saved == [(packed.numel(), dtype)]  # the packed gate/up only: no silu(gate)
+    assert (packed.numel() // 2, dtype) in ref_saved
+
+
+def test_no_graph_without_gradients():
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert rms_norm(x, torch.ones(8), 1e-5).grad_fn is None
+    assert swiglu(torch.randn(2, 8)).grad_fn is None
+    assert torch.equal(rms_norm(x, torch.ones(8), 1e-5), published_rms_norm(x, torch.ones(8), 1e-5))
