@@ -308,7 +308,7 @@ def glmtune_lora_model(shape: dict, device, dtype, v1: bool = False, bits: int =
         with torch.device(device):
             model = ChatGLM2ForConditionalGeneration(config).to(dtype)
         model.glmtune_family = "chatglm2"
-        model.loss_chunk_size = 4096
+    model.loss_chunk_size = 4096  # as the trainer sets it
     if bits:
         quantization.quantize_model(model, bits)
     cfg = TaskConfig(method="lora", lora=LoraArgs(r=8, alpha=16, dropout=0.0))
