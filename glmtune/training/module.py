@@ -262,9 +262,9 @@ def build_optimizer(
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=True)
-        # On CUDA the fused kernel updates every tensor in one launch (the foreach default: several per group),
-        # which matters for LoRA's hundreds of small tensors.
-        fused = all(p.is_cuda for _, p in named_params)
+        # The fused kernel updates every tensor in one launch (CUDA's foreach default: several per group; the
+        # CPU's: a loop over the tensors), which matters for LoRA's hundreds of small tensors.
+        fused = all(p.device.type in ("cuda", "cpu") for _, p in named_params)
         return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     if args.optimizer == "lion":
         from lion_pytorch import Lion

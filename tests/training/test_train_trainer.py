@@ -50,13 +50,15 @@ def test_weight_decay_skips_vectors():
     assert decays == {id(matrix): 0.1, id(vector): 0.0}
 
 
-def test_adamw_is_fused_on_cuda_only():
+def test_adamw_is_fused():
     args = TrainArgs()
     on_cpu = build_optimizer([("m", torch.nn.Parameter(torch.zeros(2, 2)))], args)
-    assert not on_cpu.defaults["fused"]
+    assert on_cpu.defaults["fused"] is True
     if torch.cuda.is_available():
         on_gpu = build_optimizer([("m", torch.nn.Parameter(torch.zeros(2, 2, device="cuda")))], args)
         assert on_gpu.defaults["fused"] is True
+    on_meta = build_optimizer([("m", torch.nn.Parameter(torch.zeros(2, 2, device="meta")))], args)
+    assert not on_meta.defaults["fused"]  # elsewhere: PyTorch's default implementation
 
 
 def test_lion_and_missing_8bit_adam():
