@@ -51,10 +51,17 @@ class Result:
 # ---------------------------------------------------------------------------------------------- shapes
 
 
-# The CPU stand-in for the host-bound case (`--host-bound`): the 6B model's 28 blocks and its ops, but so narrow
-# that every op costs its launch and dispatch only, as a 6B model's ops at 128 x 1 do on a GPU.
-HOST_BOUND = dict(
+CHATGLM2_6B = dict(
     num_layers=28,
+    hidden_size=4096,
+    ffn_hidden_size=13696,
+    num_attention_heads=32,
+    kv_channels=128,
+    multi_query_group_num=2,
+    padded_vocab_size=65024,
+)
+TINY = dict(
+    num_layers=2,
     hidden_size=64,
     ffn_hidden_size=160,
     num_attention_heads=4,
@@ -62,30 +69,16 @@ HOST_BOUND = dict(
     multi_query_group_num=2,
     padded_vocab_size=512,
 )
+# The CPU stand-in for the host-bound case (`--host-bound`): the 6B model's 28 blocks and its ops, but so narrow
+# that every op costs its launch and dispatch only, as a 6B model's ops at 128 x 1 do on a GPU.
+HOST_BOUND = dict(TINY, num_layers=CHATGLM2_6B["num_layers"])
 
 
 def chatglm2_shape(tiny: bool | str) -> dict:
+    """The 6B shape; TINY when `tiny`; HOST_BOUND when `tiny` is "host-bound"."""
     if tiny == "host-bound":
         return dict(HOST_BOUND)
-    if tiny:
-        return dict(
-            num_layers=2,
-            hidden_size=64,
-            ffn_hidden_size=160,
-            num_attention_heads=4,
-            kv_channels=16,
-            multi_query_group_num=2,
-            padded_vocab_size=512,
-        )
-    return dict(
-        num_layers=28,
-        hidden_size=4096,
-        ffn_hidden_size=13696,
-        num_attention_heads=32,
-        kv_channels=128,
-        multi_query_group_num=2,
-        padded_vocab_size=65024,
-    )
+    return dict(TINY if tiny else CHATGLM2_6B)
 
 
 def chatglm_v1_shape(tiny: bool) -> dict:
