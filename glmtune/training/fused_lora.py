@@ -10,7 +10,7 @@ merged or disabled adapters, a LoRA bias).
 
 Memory: with a half-precision base and fp32 adapters (PEFT's default), PEFT casts the input to fp32 before
 `lora_A`, and autograd keeps that fp32 copy for A's gradient: twice the bytes of the input, for every adapted
-linear (on ChatGLM2 the 13,696-wide MLP activation among them; ~40% of a block's saved activations). Without
+linear (on ChatGLM2 the 13,696-wide MLP activation among them; a fifth of a block's saved activations). Without
 LoRA dropout, `lora_A` here keeps the input as it came and casts it again in the backward: the same values,
 half the memory.
 """
