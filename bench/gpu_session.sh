@@ -5,10 +5,12 @@
 #
 # Installs the wheels carried in .whl/ (the device has its own torch; transformers, peft, deepspeed and
 # bitsandbytes come from .whl/ when there) into /tmp/site, then runs
-#   lora:  bench/gpu_lora.py         (issue 7: speed and memory vs transformers + PEFT; ~5-6 min on an H200)
+#   lora:  bench/gpu_lora.py         (issue 7: speed and memory vs transformers + PEFT; ~6-8 min on an H200)
 #   train: bench/gpu_train_check.py  (issue 5: bf16 LoRA, QLoRA nf4, ZeRO-2/3, FSDP; ~3 min)
-# each under its own time limit, so the first cannot eat the second's minutes. Logs and JSON go to $OUT
-# (the device tool's folder that comes back) or bench/results/.
+# each under its own time limit, so the first cannot eat the second's minutes. A session's 15 device minutes
+# (machine start included) hold `lora` or `train` comfortably, both only with luck: run `lora` first. Logs
+# and JSON go to $OUT (the device tool's folder that comes back) or bench/results/; gpu_lora.py writes its JSON
+# after every row, so a run cut short keeps what it measured.
 set -u
 part=${1:-all}
 out=${OUT:-bench/results}
@@ -25,7 +27,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 transformers.__version__, 'peft', peft.__version__)" | tee -a "$out/gpu_session.log"
 
 if [ "$part" = lora ] || [ "$part" = all ]; then
-    timeout 390 python3 bench/gpu_lora.py --out "$out" --profile 128x1,1024x8 2>&1 | tee "$out/gpu_lora.log" | grep -v Warning
+    timeout 480 python3 bench/gpu_lora.py --out "$out" --profile 128x1,1024x8 2>&1 | tee "$out/gpu_lora.log" | grep -v Warning
 fi
 if [ "$part" = train ] || [ "$part" = all ]; then
     rm -rf /tmp/gpu_train_check-*
