@@ -263,8 +263,11 @@ def build_optimizer(
 
             return DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=True)
         # The fused kernel updates every tensor in one launch (CUDA's foreach default: several per group; the
-        # CPU's: a loop over the tensors), which matters for LoRA's hundreds of small tensors.
-        fused = all(p.device.type in ("cuda", "cpu") for _, p in named_params)
+        # CPU's: a loop over the tensors), which matters for LoRA's hundreds of small tensors. It unscales
+        # gradients inside its step, so Lightning refuses to clip them under mixed precision: not there.
+        fused = all(p.device.type in ("cuda", "cpu") for _, p in named_params) and not (
+            args.precision.endswith("-mixed") and args.gradient_clip_val > 0
+        )
         return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     if args.optimizer == "lion":
         from lion_pytorch import Lion

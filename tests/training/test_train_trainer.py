@@ -59,6 +59,11 @@ def test_adamw_is_fused():
         assert on_gpu.defaults["fused"] is True
     on_meta = build_optimizer([("m", torch.nn.Parameter(torch.zeros(2, 2, device="meta")))], args)
     assert not on_meta.defaults["fused"]  # elsewhere: PyTorch's default implementation
+    # Lightning refuses to clip the gradients of an optimizer that unscales them itself (mixed precision).
+    clipped = TrainArgs(precision="bf16-mixed", gradient_clip_val=1.0)
+    assert not build_optimizer([("m", torch.nn.Parameter(torch.zeros(2, 2)))], clipped).defaults["fused"]
+    unclipped = TrainArgs(precision="bf16-mixed", gradient_clip_val=0.0)
+    assert build_optimizer([("m", torch.nn.Parameter(torch.zeros(2, 2)))], unclipped).defaults["fused"]
 
 
 def test_lion_and_missing_8bit_adam():
