@@ -6,7 +6,8 @@ full gradient checkpointing. glmtune runs its real LightningModule and method co
 CausalLMModule under a Lightning Trainer) with its optimisations: chunked cross entropy (no fp32 logits over
 the vocabulary), selective activation checkpointing sized to stay under the peer's peak memory, fused LoRA.
 Then ChatGLM-6B (v1) LoRA at 128 x 1 with bf16, int8 and int4 weights reports peak memory. Last, rows
-"glmtune+compile" repeat glmtune's with `train.compile` (torch.compile'd blocks) on CUDA.
+"glmtune+compile" repeat glmtune's with `train.compile` (torch.compile'd blocks) on CUDA, and
+"glmtune+cudagraphs" the small shapes with `compile_mode: reduce-overhead` (CUDA graphs: no launch costs).
 
     python bench/gpu_lora.py                 # on a CUDA machine: the full table (about 5 minutes on an H200)
     python bench/gpu_lora.py --tiny          # tiny sizes on CPU: checks the script itself
@@ -434,6 +435,7 @@ def run_glmtune(
     matmul,
     compile_small: bool = False,
     side: str = "glmtune",
+    compile_mode: str = "default",
     report=None,
 ) -> list[Result]:
     from glmtune.training.compile import compile_blocks
@@ -465,14 +467,14 @@ def run_glmtune(
         for attempt in range(2):
             encoder.checkpoint_layers = k
             if compiled:
-                compile_blocks(model, args.compile_mode)  # what train.compile does
+                compile_blocks(model, compile_mode)  # what train.compile does
             try:
                 reset_peak(device)
                 times, losses = fit_steps(model, batch_size, seq, s["padded_vocab_size"], args, device)
                 r.losses = losses
                 fill(r, times, batch_size, seq, s, matmul, device)
                 r.note = f"recompute {k}/{layers} blocks" + (
-                    f", compiled ({args.compile_mode})" if compiled else ""
+                    f", compiled ({compile_mode})" if compiled else ""
                 )
             except Exception as err:  # OOM or a compile failure: record it, retry once more conservatively
                 r.note = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
@@ -598,14 +600,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile-mode",
         default="default",
-        help="train.compile_mode of the torch.compile rows (reduce-overhead: CUDA graphs too)",
+        help="train.compile_mode of the glmtune+compile rows (reduce-overhead: CUDA graphs too)",
+    )
+    parser.add_argument(
+        "--cudagraph-shapes",
+        default="128x1",
+        help="shapes of the glmtune+cudagraphs rows (compile_mode reduce-overhead; CUDA; '' for none)",
     )
     parser.add_argument(
         "--profile",
         default="",
         help="SEQxBATCH[,SEQxBATCH...]: also print the top kernels of glmtune's step at these shapes",
     )
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: peer,glmtune,v1,compile")
+    parser.add_argument(
+        "--skip", default="", help="comma list of parts to skip: peer,glmtune,v1,compile,cudagraphs"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     if args.host_bound:
@@ -669,6 +678,21 @@ def main(argv: list[str] | None = None) -> int:
             matmul,
             compile_small=True,
             side="glmtune+compile",
+            compile_mode=args.compile_mode,
+            report=save,
+        )
+    # CUDA graphs (train.compile_mode: reduce-overhead) where launches dominate: the small shapes.
+    if "cudagraphs" not in skip and device.type == "cuda" and not args.no_compile and args.cudagraph_shapes:
+        run_glmtune(
+            [_shape(name) for name in args.cudagraph_shapes.split(",")],
+            peer_by_shape,
+            args,
+            device,
+            dtype,
+            matmul,
+            compile_small=True,
+            side="glmtune+cudagraphs",
+            compile_mode="reduce-overhead",
             report=save,
         )
 
@@ -680,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size, seq in shapes:
         name = f"{seq}x{batch_size}"
         b = by.get(("peer", name))
-        for side in ("glmtune", "glmtune+compile"):
+        for side in ("glmtune", "glmtune+compile", "glmtune+cudagraphs"):
             a = by.get((side, name))
             if a and b:
                 print(
