@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}"
-    shapes = [tuple(int(x) for x in s.split("x"))[::-1] for s in args.shapes.split(",")]  # (batch, seq)
+    shapes = [_shape(name) for name in args.shapes.split(",")]  # (batch, seq)
     if args.tiny and not args.host_bound:
         shapes = [(b, min(s, 64)) for b, s in shapes[:2]]
     torch.manual_seed(0)

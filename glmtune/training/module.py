@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from glmtune.config import ConfigError, TrainArgs
+from glmtune.training.distributed import is_mixed
 
 # Wrapper prefixes that FSDP / activation checkpointing insert into parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -266,7 +267,7 @@ def build_optimizer(
         # CPU's: a loop over the tensors), which matters for LoRA's hundreds of small tensors. It unscales
         # gradients inside its step, so Lightning refuses to clip them under mixed precision: not there.
         fused = all(p.device.type in ("cuda", "cpu") for _, p in named_params) and not (
-            args.precision.endswith("-mixed") and args.gradient_clip_val > 0
+            is_mixed(args.precision) and args.gradient_clip_val > 0
         )
         return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     if args.optimizer == "lion":
