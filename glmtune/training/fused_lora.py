@@ -17,6 +17,7 @@ half the memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -57,6 +58,27 @@ def keeps_input_dtype(lora_a: nn.Linear, dropout: nn.Module, x: torch.Tensor) ->
     )
 
 
+def hidden_from_recomputation(base_layer: nn.Module) -> contextlib.AbstractContextManager:
+    """Keep what the frozen base GEMM and the LoRA update save out of sight of activation checkpointing, so
+    that recomputing a block stops before its last GEMM.
+
+    Non-reentrant checkpointing (`torch.utils.checkpoint`, early stop on) reruns a block's forward in the
+    backward only until every tensor the first forward saved has been produced again. What the last adapted
+    linear of a block (ChatGLM's `dense_4h_to_h`) saves is its input (for lora_A) and, for the frozen GEMM and
+    the update, only the weights and the rank-r product. Saved inside these hooks, those are kept as they are
+    (parameters, and 2r bytes a token), the recomputation stops right after lora_A, and the base GEMM, a
+    quarter of a ChatGLM2 block's forward, is not run again for nothing. Only for a plain nn.Linear base: a
+    quantized one may save a dequantized weight, which must be dropped and recomputed as before. Not under
+    torch.compile, where a whole block is one graph that is recomputed as a whole anyway."""
+    if type(base_layer) is not nn.Linear or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 @functools.cache
 def fused_lora_linear_class() -> type[nn.Module]:
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -76,18 +98,21 @@ def fused_lora_linear_class() -> type[nn.Module]:
             ):
                 return super().forward(x, *args, **kwargs)
             self._check_forward_args(x, *args, **kwargs)
-            result = self.base_layer(x, *args, **kwargs)
             lora_a, dropout = self.lora_A[name], self.lora_dropout[name]
+            # lora_A first: it saves the input, the last activation a block's backward needs (see
+            # `hidden_from_recomputation`).
             if getattr(self, "cast_input_dtype_enabled", True) and keeps_input_dtype(lora_a, dropout, x):
                 low_rank = _CastLinear.apply(x, lora_a.weight)  # [..., r]
             else:
                 low_rank = lora_a(dropout(self._cast_input_dtype(x, lora_a.weight.dtype)))
-            fused = torch.addmm(
-                result.reshape(-1, result.shape[-1]),
-                low_rank.reshape(-1, low_rank.shape[-1]).to(result.dtype),
-                self.lora_B[name].weight.t().to(result.dtype),
-                alpha=self.scaling[name],
-            )
+            with hidden_from_recomputation(self.base_layer):
+                result = self.base_layer(x, *args, **kwargs)
+                fused = torch.addmm(
+                    result.reshape(-1, result.shape[-1]),
+                    low_rank.reshape(-1, low_rank.shape[-1]).to(result.dtype),
+                    self.lora_B[name].weight.t().to(result.dtype),
+                    alpha=self.scaling[name],
+                )
             return fused.view(result.shape)
 
         def __repr__(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glmtune.config import ConfigError
 from glmtune.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
@@ -90,6 +91,72 @@ def test_checkpoint_layers_recomputes_only_the_first_blocks(family):
     assert block_calls(model, stack, ids) == [2, 1, 1]
     set_checkpoint_layers(model, 0)
     assert block_calls(model, stack, ids) == [1, 1, 1]
+
+
+class ForwardGemms(TorchDispatchMode):
+    """Counts, per weight, the matrix products that multiply by its transpose: the forward GEMMs of those
+    linears (their backward multiplies by the weight itself)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = weights
+        self.counts = [0] * len(weights)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            other = args[-1]
+            for i, weight in enumerate(self.weights):
+                same = other.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+                if same and other.shape == weight.t().shape:
+                    self.counts[i] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_blocks_skip_their_last_gemm(family, dtype):
+    """A recomputed block with fused LoRA stops before its frozen `dense_4h_to_h` GEMM (whose output the
+    backward does not need; a quarter of a ChatGLM2 block's forward), and the gradients are those of the run
+    without recomputation."""
+    from glmtune.config import LoraArgs, TaskConfig
+    from glmtune.training.methods import apply_method
+
+    model = (chatglm() if family == "chatglm" else chatglm2()).to(dtype)
+    model.glmtune_family = family
+    targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    cfg = TaskConfig(method="lora", lora=LoraArgs(r=4, alpha=8, dropout=0.0, target_modules=targets))
+    model = apply_method(model, cfg, total_steps=1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # non-zero, so that lora_A has a gradient
+    mlps = [block.mlp for block in transformer_blocks(model)]
+    ups = [mlp.dense_h_to_4h.base_layer.weight for mlp in mlps]
+    downs = [mlp.dense_4h_to_h.base_layer.weight for mlp in mlps]
+    ids = torch.randint(5, 100, (2, 9))
+    if family == "chatglm":
+        ids[:, -2:] = torch.tensor([model.config.gmask_token_id, model.config.bos_token_id])
+    model.train()
+
+    def backward(checkpointing: bool):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        with ForwardGemms(ups + downs) as gemms:
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return gemms.counts, grads
+
+    plain_counts, plain_grads = backward(checkpointing=False)
+    counts, grads = backward(checkpointing=True)
+    assert plain_counts == [0] * 6
+    assert counts == [1, 1, 1] + [0, 0, 0]  # the blocks are recomputed, but not their last GEMM
+    assert len(grads) == 3 * 8 and grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
 
 
 def test_checkpoint_layers_is_refused_where_it_cannot_apply(tiny_chatglm2, tiny_data, tmp_path):
