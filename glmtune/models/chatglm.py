@@ -438,8 +438,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             layer_cache = past_key_values if use_cache else None
             if checkpointing and (self.checkpoint_layers is None or index < self.checkpoint_layers):
+                # The block itself, not a bound method: glmtune.training.compile compiles the recomputation
+                # and the block together through this call.
                 hidden_states = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, position_ids, attention_bias, layer_cache, prefix_kv
+                    layer, hidden_states, position_ids, attention_bias, layer_cache, prefix_kv
                 )
             else:
                 hidden_states = layer(hidden_states, position_ids, attention_bias, layer_cache, prefix_kv)

@@ -214,6 +214,9 @@ class SelfAttention(nn.Module):
             key = key.repeat_interleave(repeats, dim=1)
             value = value.repeat_interleave(repeats, dim=1)
 
+        # A Python bool, by branching: under torch.compile with a dynamic sequence length the comparison is
+        # symbolic, and SDPA, which takes no symbolic bool, would break the compiled block in two.
+        causal = True if attention_mask is None and seq_len == key.shape[2] and seq_len > 1 else False
         # Scale 1/sqrt(head_dim) (SDPA's default). apply_query_key_layer_scaling divides by layer_number and
         # multiplies back before the fp32 softmax in the published eager path: a no-op in exact arithmetic.
         context = F.scaled_dot_product_attention(
@@ -222,7 +225,7 @@ class SelfAttention(nn.Module):
             value,
             attn_mask=attention_mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=attention_mask is None and seq_len == key.shape[2] and seq_len > 1,
+            is_causal=causal,
             enable_gqa=grouped,
         )
         context = context.transpose(1, 2).reshape(batch, seq_len, self.projection_size)
@@ -314,9 +317,11 @@ class GLMTransformer(nn.Module):
                 all_hidden_states += (hidden_states,)
             prefix_key, prefix_value = prefix_key_values[index] if prefix_key_values else (None, None)
             if checkpointing and (self.checkpoint_layers is None or index < self.checkpoint_layers):
-                # Tensors positionally, so that reentrant checkpointing also propagates their gradients.
+                # Tensors positionally, so that reentrant checkpointing also propagates their gradients; the
+                # block itself, not a bound method, so that glmtune.training.compile can compile the
+                # recomputation and the block together through this call.
                 hidden_states = self._gradient_checkpointing_func(
-                    layer.__call__,
+                    layer,
                     hidden_states,
                     attention_mask,
                     rotary_pos_emb,

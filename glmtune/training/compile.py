@@ -10,14 +10,21 @@ Compiling each block in place (`nn.Module.compile`) rather than the whole model:
 Inside a block the compiler fuses what eager PyTorch runs as separate kernels: the norms' fp32 maths, the
 rotary embedding, SwiGLU, LoRA's scaling and the residual adds. That saves memory traffic on large batches
 and kernel launches on small ones, where a 6B model's step is bound by launches rather than by the GPU.
+
+With gradient checkpointing, the recomputed blocks of glmtune's ChatGLM models are compiled together with
+their checkpoint (`recompute_block`): the compiled forward keeps only the block's inputs, and the backward
+graph recomputes only what it needs. Checkpointing a compiled block from outside would rerun its whole
+compiled forward, the last GEMM included, whose output the backward never reads.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -41,15 +48,28 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def compile_blocks(model: nn.Module, mode: str = "default") -> int:
-    """Compile every transformer block of `model` in place; returns how many. The first step of each new
-    input shape compiles (a minute or more on a CPU); after a second shape, the sequence length is treated as
-    dynamic and does not recompile."""
+def recompute_block(block: nn.Module, *args: Any) -> Any:
+    """`block(*args)`, recomputed in the backward (non-reentrant activation checkpointing)."""
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+
+def compile_blocks(model: nn.Module, mode: str = "default", backend: str | Callable = "inductor") -> int:
+    """Compile every transformer block of `model` in place; returns how many. Where the stack is a glmtune
+    ChatGLM one with gradient checkpointing on (enable it first), its recomputed blocks run through a compiled
+    `recompute_block` instead. The first step of each new input shape compiles (a minute or more on a CPU);
+    after a second shape, the sequence length is treated as dynamic and does not recompile. `backend` is
+    torch.compile's (tests inspect the graphs with their own)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    options = {"backend": backend} if backend != "inductor" else {"mode": mode}
     blocks = transformer_blocks(model)
     for block in blocks:
-        block.compile(mode=mode)
+        block.compile(**options)
+    owner = next(m for m in model.modules() if any(child is blocks for child in m.children()))
+    # glmtune's ChatGLM stacks (the ones with `checkpoint_layers`) pass the block itself to their
+    # checkpointing function; LLaMA-like models checkpoint inside the block's own __call__.
+    if getattr(owner, "gradient_checkpointing", False) and hasattr(owner, "checkpoint_layers"):
+        owner._gradient_checkpointing_func = torch.compile(recompute_block, **options)
     return len(blocks)
 
 

@@ -58,7 +58,9 @@ class CausalLMModule(L.LightningModule):
     # ---------------------------------------------------------------- steps
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**batch).loss
+        # No key/value cache: a loss needs none, and under train.compile a cache object passed to every block
+        # would make each block's graph specialise on its cache layer and recompile, block after block.
+        return self.model(**batch, use_cache=False).loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout (LoRA, prefix, attention) draws from a generator reseeded per micro-batch and per rank:

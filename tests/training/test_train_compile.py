@@ -16,7 +16,7 @@ from tests.training.conftest import make_cfg
 from tests.training.training_helpers import LossProbe
 
 
-def chatglm2(layers: int = 3) -> ChatGLM2ForConditionalGeneration:
+def chatglm2(layers: int = 3, ffn: int = 96) -> ChatGLM2ForConditionalGeneration:
     torch.manual_seed(0)
     config = ChatGLM2Config(
         num_layers=layers,
@@ -25,7 +25,7 @@ def chatglm2(layers: int = 3) -> ChatGLM2ForConditionalGeneration:
         kv_channels=12,
         multi_query_attention=True,
         multi_query_group_num=2,
-        ffn_hidden_size=96,
+        ffn_hidden_size=ffn,
         padded_vocab_size=101,
     )
     return ChatGLM2ForConditionalGeneration(config)
@@ -93,6 +93,29 @@ def test_checkpoint_layers_recomputes_only_the_first_blocks(family):
     assert block_calls(model, stack, ids) == [1, 1, 1]
 
 
+def lora_model(family: str, dtype=torch.float32, **shape):
+    """A tiny ChatGLM with fused LoRA r=4 on the four block linears, lora_B non-zero (so lora_A learns)."""
+    from glmtune.config import LoraArgs, TaskConfig
+    from glmtune.training.methods import apply_method
+
+    model = (chatglm(**shape) if family == "chatglm" else chatglm2(**shape)).to(dtype)
+    model.glmtune_family = family
+    targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    cfg = TaskConfig(method="lora", lora=LoraArgs(r=4, alpha=8, dropout=0.0, target_modules=targets))
+    model = apply_method(model, cfg, total_steps=1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def lora_grads(model, ids) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # as CausalLMModule calls it
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 class ForwardGemms(TorchDispatchMode):
     """Counts, per weight, the matrix products that multiply by its transpose: the forward GEMMs of those
     linears (their backward multiplies by the weight itself)."""
@@ -118,17 +141,7 @@ def test_recomputed_blocks_skip_their_last_gemm(family, dtype):
     """A recomputed block with fused LoRA stops before its frozen `dense_4h_to_h` GEMM (whose output the
     backward does not need; a quarter of a ChatGLM2 block's forward), and the gradients are those of the run
     without recomputation."""
-    from glmtune.config import LoraArgs, TaskConfig
-    from glmtune.training.methods import apply_method
-
-    model = (chatglm() if family == "chatglm" else chatglm2()).to(dtype)
-    model.glmtune_family = family
-    targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-    cfg = TaskConfig(method="lora", lora=LoraArgs(r=4, alpha=8, dropout=0.0, target_modules=targets))
-    model = apply_method(model, cfg, total_steps=1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)  # non-zero, so that lora_A has a gradient
+    model = lora_model(family, dtype)
     mlps = [block.mlp for block in transformer_blocks(model)]
     ups = [mlp.dense_h_to_4h.base_layer.weight for mlp in mlps]
     downs = [mlp.dense_4h_to_h.base_layer.weight for mlp in mlps]
@@ -157,6 +170,108 @@ def test_recomputed_blocks_skip_their_last_gemm(family, dtype):
     for name, grad in plain_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def graph_recorder():
+    """A torch.compile backend that runs the graphs as traced (no code generation) and keeps them."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    graphs = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(graph_module, example_inputs):
+            graphs[kind].append(graph_module)
+            return graph_module.forward
+
+        return compiler
+
+    backend = aot_autograd(
+        fw_compiler=keep("forward"),
+        bw_compiler=keep("backward"),
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    return backend, graphs
+
+
+def node_shapes(nodes) -> list[tuple[int, ...]]:
+    return [tuple(n.meta["val"].shape) for n in nodes if isinstance(n, torch.fx.Node) and "val" in n.meta]
+
+
+def test_compiled_recomputation_keeps_only_the_inputs_and_skips_the_last_gemm():
+    """Under train.compile, a recomputed block and its checkpoint are one compiled graph: its forward keeps
+    no activation (the block's inputs only), and its backward recomputes the block but for the last GEMM.
+    Checkpointing a compiled block from outside would keep the activations in the compiled forward's
+    outputs (dropped and recomputed by rerunning all of it)."""
+    model = lora_model("chatglm2", ffn=80)  # no other GEMM of the step has the shape of dense_4h_to_h's
+    batch, seq = 3, 13
+    ids = torch.randint(5, 100, (batch, seq))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    eager = lora_grads(model, ids)
+    backend, graphs = graph_recorder()
+    try:
+        compile_blocks(model, backend=backend)
+        grads = lora_grads(model, ids)
+    finally:
+        torch._dynamo.reset()
+    for name, grad in eager.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
+    mlp = transformer_blocks(model)[0].mlp
+    hidden, ffn = mlp.dense_4h_to_h.base_layer.weight.shape
+    width = mlp.dense_h_to_4h.base_layer.weight.shape[0]  # 2 x ffn: gate and up
+    tokens = batch * seq
+    assert graphs["forward"] and graphs["backward"]
+    for graph in graphs["forward"]:
+        (outputs,) = [n.args[0] for n in graph.graph.nodes if n.op == "output"]
+        kept = [s for s in node_shapes(outputs) if s[0] == tokens or s[:2] == (batch, seq)]
+        assert kept and all(s[-1] in (hidden, 2) for s in kept), kept  # hidden states and the rotary table
+    gemms = [
+        tuple(node_shapes(n.args[-2:]))
+        for graph in graphs["backward"]
+        for n in graph.graph.nodes
+        if n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    ]
+    assert ((tokens, hidden), (hidden, width)) in gemms  # the recomputed dense_h_to_4h
+    assert ((tokens, ffn), (ffn, hidden)) not in gemms  # no recomputed dense_4h_to_h
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_blocks_do_not_break_on_a_dynamic_sequence_length(checkpointing):
+    """A second sequence length makes it symbolic; the blocks must stay whole graphs (SDPA's is_causal once
+    broke them in two)."""
+    from torch._dynamo.utils import counters
+
+    model = lora_model("chatglm2", layers=5)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backend, graphs = graph_recorder()
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_blocks(model, backend=backend)
+        for seq in (9, 12, 15):
+            lora_grads(model, torch.randint(5, 100, (2, seq)))
+        breaks = dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    # Per shape kind (the static first, then the dynamic one), a graph for the first block, whose input needs
+    # no gradient, and one for the others; not one per block.
+    assert len(graphs["forward"]) <= 4
+    assert breaks == {}
+
+
+def test_training_steps_build_no_key_value_cache():
+    from glmtune.config import TrainArgs
+    from glmtune.training.module import CausalLMModule
+
+    model = chatglm2()
+    assert model.config.use_cache  # what generation wants by default
+    caches = []
+    model.register_forward_hook(lambda m, args, out: caches.append(out.past_key_values), with_kwargs=False)
+    module = CausalLMModule(model, TrainArgs(), total_steps=1)
+    ids = torch.randint(5, 100, (2, 7))
+    module.model_step({"input_ids": ids, "labels": ids}).backward()
+    assert caches == [None]
 
 
 def test_checkpoint_layers_is_refused_where_it_cannot_apply(tiny_chatglm2, tiny_data, tmp_path):
