@@ -484,9 +484,10 @@ def run_glmtune(
                 else:
                     k = min(layers, k + max(1, layers // 4))
                 continue
-            finally:
+            finally:  # back to eager blocks and eager recomputation (compile_blocks replaced both)
                 for block in encoder.layers:
                     block._compiled_call_impl = None
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if device.type == "cuda" and k < layers:
                 act_per_token_layer = max(0.0, r.peak_gib - static) / (tokens * (layers - k))
             if not math.isfinite(r.peak_gib) or r.peak_gib <= budget or attempt == 1:

@@ -280,7 +280,8 @@ class TrainArgs:
         num_nodes: machines (MASTER_ADDR / MASTER_PORT / NODE_RANK from the environment).
         gradient_checkpointing: recompute activations in the backward pass.
         checkpoint_layers: with gradient_checkpointing, recompute only the first N transformer blocks (null:
-            all). The others keep their activations: faster steps for more memory (ChatGLM models).
+            all). The others keep their activations: faster steps for more memory (ChatGLM models; not with
+            FSDP, which checkpoints every block itself).
         compile: torch.compile each transformer block (fuses norms, rotary, SwiGLU and LoRA's elementwise work;
             fewer kernel launches). The first steps of each new sequence length compile. Not with DeepSpeed or
             FSDP.

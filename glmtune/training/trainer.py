@@ -93,6 +93,11 @@ def check_config(cfg: TaskConfig) -> None:
         )
     if cfg.train.checkpoint_layers is not None and not cfg.train.gradient_checkpointing:
         raise ConfigError("train.checkpoint_layers needs train.gradient_checkpointing: true")
+    if cfg.train.checkpoint_layers is not None and cfg.train.strategy == "fsdp":
+        raise ConfigError(
+            "train.checkpoint_layers is not supported with train.strategy=fsdp (FSDP checkpoints every wrapped "
+            "block itself); set it to null"
+        )
     if (is_deepspeed(cfg.train.strategy) or cfg.train.strategy == "fsdp") and not torch.cuda.is_available():
         raise ConfigError(
             f"train.strategy={cfg.train.strategy}: Lightning runs DeepSpeed and FSDP on CUDA GPUs only; "

@@ -280,6 +280,16 @@ def test_checkpoint_layers_is_refused_where_it_cannot_apply(tiny_chatglm2, tiny_
     cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", checkpoint_layers=1)
     with pytest.raises(ConfigError, match="needs train.gradient_checkpointing"):
         check_config(cfg)
+    cfg = make_cfg(
+        tiny_chatglm2,
+        tiny_data,
+        tmp_path / "run",
+        checkpoint_layers=1,
+        gradient_checkpointing=True,
+        strategy="fsdp",
+    )
+    with pytest.raises(ConfigError, match="not supported with train.strategy=fsdp"):
+        check_config(cfg)
     with pytest.raises(ConfigError, match="checkpoint_layers must be >= 0"):
         make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", checkpoint_layers=-1)
 
