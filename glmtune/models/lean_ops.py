@@ -5,7 +5,7 @@ half-precision activations) that is the fp32 copy of the input, twice the bytes 
 SwiGLU, `silu(gate)` beside the gate/up tensor it came from. Each function here runs the published forward
 ops unchanged, saves only the input (and RMSNorm's per-token scale), and in the backward recomputes the rest
 and applies the ops autograd would apply, in the same order, so the gradients are bit for bit autograd's.
-On a ChatGLM2-6B block that is 52 KB a token less to keep (bench/block_memory.py).
+On a ChatGLM2-6B block that is 52 KB a token less to keep (bench/block_costs.py).
 """
 
 from __future__ import annotations

@@ -1,15 +1,20 @@
-"""Activation memory of one ChatGLM2-6B block under LoRA: what its forward keeps for the backward (CPU).
+"""What one ChatGLM2-6B block costs under LoRA training: the activations it keeps, and the GEMM FLOPs of
+its step when it is recomputed (CPU).
 
-    python bench/block_memory.py             # 256 tokens, bf16 weights, LoRA r=8 (fp32 adapters) on every linear
-    python bench/block_memory.py --tokens 512
+    python bench/block_costs.py              # 256 tokens, bf16 weights, LoRA r=8 (fp32 adapters) on every linear
+    python bench/block_costs.py --tokens 512
 
 Builds one block of the 6B shape (hidden 4096, MLP 13,696, 32 heads, 2 key/value groups) with random bf16
 weights three ways — the peer (transformers `GlmForCausalLM` + PEFT LoRA on all linear layers), glmtune's
-model with PEFT's plain LoRA, and glmtune's model through `apply_method` (fused LoRA) — runs one forward of
-`--tokens` tokens with `torch.autograd.graph.saved_tensors_hooks` and adds up the distinct storages the
-autograd graph keeps, weights and the block's input excluded. That is the memory a block costs when it is not
-recomputed; gradient checkpointing keeps only its input. Per token, so it scales to any batch: x 8192 for the
-1024 x 8 row of bench/gpu_lora.py.
+model with PEFT's plain LoRA, and glmtune's model through `apply_method` (fused LoRA) — and measures:
+
+- memory: one forward of `--tokens` tokens under `torch.autograd.graph.saved_tensors_hooks`, adding up the
+  distinct storages the autograd graph keeps, weights and the block's input excluded. That is what a block
+  costs when it is not recomputed; gradient checkpointing keeps only its input. Per token, so it scales to
+  any batch: x 8192 for the 1024 x 8 row of bench/gpu_lora.py.
+- compute: the FLOPs `torch.utils.flop_counter` counts in one forward and one backward of the block under
+  non-reentrant activation checkpointing (as both sides train in gpu_lora.py), the backward including the
+  recomputation. What recomputing a block costs, independent of the hardware.
 """
 
 from __future__ import annotations
@@ -42,6 +47,20 @@ def saved_bytes(run, excluded: set[int]) -> tuple[int, dict[str, int]]:
     for nbytes, dtype in storages.values():
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
     return sum(by_dtype.values()), by_dtype
+
+
+def recomputed_step_flops(forward, x: torch.Tensor) -> tuple[int, int]:
+    """FLOPs of one forward of `forward(x)` under non-reentrant checkpointing, and of its backward (which
+    recomputes it)."""
+    from torch.utils.checkpoint import checkpoint
+    from torch.utils.flop_counter import FlopCounterMode
+
+    forward_count, backward_count = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    with forward_count:
+        out = checkpoint(forward, x, use_reentrant=False)
+    with backward_count:
+        out.float().square().sum().backward()
+    return forward_count.get_total_flops(), backward_count.get_total_flops()
 
 
 def storages_of(model: torch.nn.Module, *tensors: torch.Tensor) -> set[int]:
@@ -82,9 +101,9 @@ def glmtune_block(fused: bool):
         )
     inner = model.base_model.model.transformer
 
-    def forward(x: torch.Tensor) -> None:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         rope = inner.rotary_pos_emb(torch.arange(x.shape[1])[None], torch.bfloat16)
-        inner.encoder.layers[0](x, None, rope)
+        return inner.encoder.layers[0](x, None, rope)
 
     return model, forward
 
@@ -113,10 +132,11 @@ def peer_block():
     )
     inner = model.base_model.model.model
 
-    def forward(x: torch.Tensor) -> None:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(x.shape[1])[None]
         embeddings = inner.rotary_emb(x, positions)
-        inner.layers[0](x, attention_mask=None, position_ids=positions, position_embeddings=embeddings)
+        out = inner.layers[0](x, attention_mask=None, position_ids=positions, position_embeddings=embeddings)
+        return out[0] if isinstance(out, tuple) else out
 
     return model, forward
 
@@ -138,14 +158,30 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         x = torch.randn(1, args.tokens, SHAPE["hidden"], dtype=torch.bfloat16, requires_grad=True)
         total, by_dtype = saved_bytes(functools.partial(forward, x), storages_of(model, x))
-        rows.append((name, total / args.tokens, by_dtype))
+        forward_flops, backward_flops = recomputed_step_flops(forward, x)
+        rows.append(
+            (name, total / args.tokens, by_dtype, forward_flops / args.tokens, backward_flops / args.tokens)
+        )
         del model
     print(f"one ChatGLM2-6B-shaped block, bf16 weights, LoRA r=8 on every linear, {args.tokens} tokens:\n")
+    print("what the block keeps for its backward when it is not recomputed:\n")
     print("| block | saved KB / token | of which fp32 | GiB at 1024 x 8 |")
     print("| --- | ---: | ---: | ---: |")
-    for name, per_token, by_dtype in rows:
+    for name, per_token, by_dtype, _, _ in rows:
         fp32 = by_dtype.get("float32", 0) / args.tokens
         print(f"| {name} | {per_token / 1e3:.0f} | {fp32 / 1e3:.0f} | {per_token * 8192 / 2**30:.2f} |")
+    print(
+        "\nGFLOP per token of a step with the block recomputed (forward; backward with the recomputation):\n"
+    )
+    print("| block | forward | backward | step | step / peer's |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    peer_step = rows[0][3] + rows[0][4]
+    for name, _, _, forward_flops, backward_flops in rows:
+        step = forward_flops + backward_flops
+        print(
+            f"| {name} | {forward_flops / 1e9:.3f} | {backward_flops / 1e9:.3f} | {step / 1e9:.3f} "
+            f"| {step / peer_step:.3f} |"
+        )
     return 0
 
 
