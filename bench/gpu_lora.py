@@ -291,6 +291,7 @@ def glmtune_lora_model(shape: dict, device, dtype, v1: bool = False, bits: int =
     from glmtune.config import LoraArgs, TaskConfig
     from glmtune.models import quantization
     from glmtune.training.methods import apply_method
+    from glmtune.training.trainer import LOSS_CHUNK_TOKENS
 
     if v1:
         from glmtune.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
@@ -306,7 +307,7 @@ def glmtune_lora_model(shape: dict, device, dtype, v1: bool = False, bits: int =
         with torch.device(device):
             model = ChatGLM2ForConditionalGeneration(config).to(dtype)
         model.glmtune_family = "chatglm2"
-    model.loss_chunk_size = 4096  # as the trainer sets it
+    model.loss_chunk_size = LOSS_CHUNK_TOKENS  # as the trainer sets it
     if bits:
         quantization.quantize_model(model, bits)
     cfg = TaskConfig(method="lora", lora=LoraArgs(r=8, alpha=16, dropout=0.0))
@@ -361,7 +362,8 @@ def loss_parity(
     trained = {k: v for k, v in model.named_parameters() if v.requires_grad}
     start = {k: v.detach().clone() for k, v in trained.items()}
     curves, first_grads = [], []
-    for chunk, recompute in ((inner.loss_chunk_size, 0), (0, None)):
+    chunk_size = inner.loss_chunk_size
+    for chunk, recompute in ((chunk_size, 0), (0, None)):
         with torch.no_grad():
             for k, v in trained.items():
                 v.copy_(start[k])
@@ -380,7 +382,7 @@ def loss_parity(
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         curves.append(losses)
-    inner.loss_chunk_size = 4096
+    inner.loss_chunk_size = chunk_size
     optimised, plain = first_grads
     grad_diff = float((optimised - plain).norm() / plain.norm().clamp_min(1e-30))
     return curves[0], curves[1], grad_diff
