@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._decomp import decomposition_table
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glmtune.models.lean_ops import rms_norm, swiglu
 
@@ -53,6 +55,50 @@ def test_rms_norm_matches_autograd_bit_for_bit(dtype, train_weight):
     if dtype == torch.bfloat16:  # autograd keeps an fp32 copy of the input; rms_norm keeps the input
         assert (x.numel(), torch.float32) in ref_saved and (x.numel(), torch.float32) not in saved
     assert sum(n for n, _ in saved) < sum(n for n, _ in ref_saved)
+
+
+class BackwardKernelByItsDecomposition(TorchDispatchMode):
+    """Runs `aten._fused_rms_norm_backward` through PyTorch's reference decomposition of it."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._fused_rms_norm_backward.default:
+            return decomposition_table[func](*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_fused_rms_norm_kernels_match_the_published_ops(dtype, train_weight, monkeypatch):
+    """The CUDA path (PyTorch's fused RMSNorm and its backward), run here through the same aten ops on the
+    CPU: the published outputs, the gradients to fp32 rounding, and the same lean saved tensors."""
+    import glmtune.models.lean_ops as lean_ops
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 64, dtype=dtype, requires_grad=True)
+    weight = (1 + 0.1 * torch.randn(64)).to(dtype).requires_grad_(train_weight)
+    grad = torch.randn(3, 7, 64, dtype=dtype)
+    ref_out, ref_grads, _ = run(lambda a, w: published_rms_norm(a, w, 1e-5), [x, weight], grad)
+    _, _, lean_saved = run(lambda a, w: rms_norm(a, w, 1e-5), [x, weight], grad)
+    assert not lean_ops.use_fused_rms_norm(x, weight)  # on the CPU, the published ops
+    calls = []
+
+    def on_cuda(a, w):
+        calls.append(1)
+        return a.dtype == w.dtype
+
+    monkeypatch.setattr(lean_ops, "use_fused_rms_norm", on_cuda)
+    with BackwardKernelByItsDecomposition():  # the fused backward has a CUDA kernel only
+        out, grads, saved = run(lambda a, w: rms_norm(a, w, 1e-5), [x, weight], grad)
+    assert calls and torch.equal(out, ref_out)
+    assert (grads[1] is not None) == train_weight
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for got, want in zip(grads, ref_grads):
+        if want is not None:
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, **tolerance)
+    assert saved == lean_saved  # the input, the weight and the per-token scale
+    with torch.no_grad():
+        assert torch.equal(rms_norm(x, weight, 1e-5), ref_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
