@@ -110,7 +110,8 @@ def dequantize_weight(
     _check_bits(bits)
     dtype = dtype or scale.dtype
     q = unpack_int4(qweight) if bits == 4 else qweight
-    return q.to(dtype) * scale.to(dtype)[:, None]
+    # In place: one float copy of the weight at a time (on ChatGLM-6B's MLP, 128 MiB less at the peak).
+    return q.to(dtype, copy=True).mul_(scale.to(dtype)[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
