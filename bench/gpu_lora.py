@@ -466,6 +466,7 @@ def run_glmtune(
         if compile_small and not compiled:
             continue
         r = Result(side, name)
+        failure = ""  # a compile that failed: the row then measures eager blocks, and says why
         for attempt in range(2):
             encoder.checkpoint_layers = k
             if compiled:
@@ -475,14 +476,16 @@ def run_glmtune(
                 times, losses = fit_steps(model, batch_size, seq, s["padded_vocab_size"], args, device)
                 r.losses = losses
                 fill(r, times, batch_size, seq, s, matmul, device)
-                r.note = f"recompute {k}/{layers} blocks" + (
-                    f", compiled ({compile_mode})" if compiled else ""
+                r.note = (
+                    f"recompute {k}/{layers} blocks"
+                    + (f", compiled ({compile_mode})" if compiled else "")
+                    + (f", NOT compiled: {failure}" if failure else "")
                 )
             except Exception as err:  # OOM or a compile failure: record it, retry once more conservatively
                 r.note = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
                 traceback.print_exc()
                 if compiled:
-                    compiled = False
+                    compiled, failure = False, r.note
                 else:
                     k = min(layers, k + max(1, layers // 4))
                 continue
