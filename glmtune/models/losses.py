@@ -7,7 +7,9 @@ memory is one chunk's logits:
 - a frozen plain head (LoRA and the other adapter methods, which leave the output layer as it is): each
   chunk's gradient towards the hidden states is computed in the forward, right after its loss, and kept (one
   hidden-sized tensor); the backward only scales it. The logits are computed once, not again in the backward.
-- any other head (trained, adapted, sharded by ZeRO-3): each chunk's logits are recomputed in the backward.
+- any other head (trained, adapted, sharded by ZeRO-3), or fp16 autocast: each chunk's logits are recomputed
+  in the backward. Under fp16 mixed precision the loss is scaled up before the backward so that small
+  gradients survive fp16; a gradient computed in the forward would be cast to fp16 before that scale.
 """
 
 from __future__ import annotations
@@ -91,7 +93,9 @@ def chunked_causal_lm_loss(
     count = targets.numel()
     if count == 0:
         return hidden_states.sum() * float("nan")  # what mean cross entropy over nothing gives, with a graph
-    if frozen_plain_head(head) and torch.is_grad_enabled() and hidden.requires_grad:
+    device = hidden.device.type
+    fp16_autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    if frozen_plain_head(head) and torch.is_grad_enabled() and hidden.requires_grad and not fp16_autocast:
         return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, chunk_size)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, count, chunk_size):

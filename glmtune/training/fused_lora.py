@@ -69,7 +69,8 @@ def hidden_from_recomputation(base_layer: nn.Module) -> contextlib.AbstractConte
     (parameters, and 2r bytes a token), the recomputation stops right after lora_A, and the base GEMM, a
     quarter of a ChatGLM2 block's forward, is not run again for nothing. Only for a plain nn.Linear base: a
     quantized one may save a dequantized weight, which must be dropped and recomputed as before. Not under
-    torch.compile, where a whole block is one graph that is recomputed as a whole anyway."""
+    torch.compile, whose partitioner decides what a compiled block recomputes
+    (`glmtune.training.compile.recompute_block`)."""
     if type(base_layer) is not nn.Linear or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)

@@ -128,3 +128,21 @@ def test_trained_or_wrapped_heads_recompute_their_logits():
     _, _, grads = loss_and_grads(model, 5, ids, ids)
     assert grads["transformer.output_layer.weight"] is not None
     assert len(calls) == 2 * 4  # 16 scored tokens in chunks of 5, each recomputed
+
+
+def test_frozen_head_under_fp16_autocast_recomputes_its_logits():
+    """fp16 mixed precision scales the loss before the backward (small gradients would underflow fp16): the
+    gradient cannot be computed, in fp16, before that scale is known."""
+    model = tiny_model()
+    model.transformer.output_layer.weight.requires_grad_(False)
+    model.loss_chunk_size = 5
+    calls = []
+    model.transformer.output_layer.register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.randint(0, 211, (2, 9))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert len(calls) == 2 * 4 and torch.isfinite(loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 2 * 4  # bf16 autocast: the gradient is computed with the loss
