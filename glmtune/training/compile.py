@@ -65,7 +65,7 @@ def compile_blocks(model: nn.Module, mode: str = "default", backend: str | Calla
     blocks = transformer_blocks(model)
     for block in blocks:
         block.compile(**options)
-    owner = next(m for m in model.modules() if any(child is blocks for child in m.children()))
+    owner = next((m for m in model.modules() if any(child is blocks for child in m.children())), None)
     # glmtune's ChatGLM stacks (the ones with `checkpoint_layers`) pass the block itself to their
     # checkpointing function; LLaMA-like models checkpoint inside the block's own __call__.
     if getattr(owner, "gradient_checkpointing", False) and hasattr(owner, "checkpoint_layers"):
