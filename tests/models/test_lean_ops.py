@@ -37,13 +37,18 @@ def run(fn, inputs, grad):
     return out, [t.grad for t in leaves], saved
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("train_weight", [False, True])
-def test_rms_norm_matches_autograd_bit_for_bit(dtype, train_weight):
+def norm_inputs(dtype, train_weight):
+    """An input, a weight near 1 (trained or not) and an upstream gradient, seeded."""
     torch.manual_seed(0)
     x = torch.randn(3, 7, 64, dtype=dtype, requires_grad=True)
     weight = (1 + 0.1 * torch.randn(64)).to(dtype).requires_grad_(train_weight)
-    grad = torch.randn(3, 7, 64, dtype=dtype)
+    return x, weight, torch.randn(3, 7, 64, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_rms_norm_matches_autograd_bit_for_bit(dtype, train_weight):
+    x, weight, grad = norm_inputs(dtype, train_weight)
     ref_out, ref_grads, ref_saved = run(lambda a, w: published_rms_norm(a, w, 1e-5), [x, weight], grad)
     out, grads, saved = run(lambda a, w: rms_norm(a, w, 1e-5), [x, weight], grad)
     assert torch.equal(out, ref_out)
@@ -73,10 +78,7 @@ def test_fused_rms_norm_kernels_match_the_published_ops(dtype, train_weight, mon
     CPU: the published outputs, the gradients to fp32 rounding, and the same lean saved tensors."""
     import glmtune.models.lean_ops as lean_ops
 
-    torch.manual_seed(0)
-    x = torch.randn(3, 7, 64, dtype=dtype, requires_grad=True)
-    weight = (1 + 0.1 * torch.randn(64)).to(dtype).requires_grad_(train_weight)
-    grad = torch.randn(3, 7, 64, dtype=dtype)
+    x, weight, grad = norm_inputs(dtype, train_weight)
     ref_out, ref_grads, _ = run(lambda a, w: published_rms_norm(a, w, 1e-5), [x, weight], grad)
     _, _, lean_saved = run(lambda a, w: rms_norm(a, w, 1e-5), [x, weight], grad)
     assert not lean_ops.use_fused_rms_norm(x, weight)  # on the CPU, the published ops
