@@ -486,18 +486,8 @@ class ChatGLM3PlainTemplate(ChatGLM3Template):
     ) -> ChatPrompt:
         return ChatPrompt(None, self.labelled_prompt(query, history, system).input_ids)
 
-    def build_train_sample(
-        self,
-        query: str,
-        response: str,
-        history: History | None = None,
-        system: str | None = None,
-        max_source_length: int | None = None,
-        max_target_length: int | None = None,
-    ) -> TrainSample:
-        prompt = self.build_chat_prompt(query, history, system).input_ids
-        eos = self.tokenizer.eos_token_id
-        return self.sample(prompt, self.encode(response), eos, max_source_length, max_target_length)
+    # The response follows the query directly (no metadata line as after a role token): the base class's.
+    build_train_sample = ChatTemplate.build_train_sample
 
 
 # --- other models --------------------------------------------------------------------------------------------
