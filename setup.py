@@ -28,7 +28,7 @@ setup(
         "quant": ["bitsandbytes>=0.43", "cpm_kernels"],
         "lion": ["lion-pytorch"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.30", "gradio>=6.0"],
-        "eval": ["sacrebleu>=2.0", "rouge-chinese>=1.0.3", "jieba>=0.42"],
+        "eval": ["nltk>=3.8", "rouge-chinese>=1.0.3", "jieba>=0.42"],
         "logging": ["tensorboard"],
         "bench": ["datasets>=3.0"],
         "dev": [
@@ -42,7 +42,7 @@ setup(
             "fastapi>=0.110",
             "uvicorn>=0.30",
             "gradio>=6.0",
-            "sacrebleu>=2.0",
+            "nltk>=3.8",
             "rouge-chinese>=1.0.3",
             "jieba>=0.42",
             "deepspeed>=0.15",
