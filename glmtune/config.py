@@ -503,3 +503,5 @@ def check_data_files(files: list[str], key: str) -> list[Path]:
             raise ConfigError(f"{key}: data file not found: {f}")
         paths.append(p)
     return paths
+        if p.is_dir():
+            raise ConfigError(f"{key}: {f} is a directory, not a data file (list its files)")

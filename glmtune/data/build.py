@@ -7,7 +7,7 @@ samples per sequence, and writes train (and eval) records (see `records`) into `
     out_dir/train/        records (meta.json, data.bin + index.bin or data.mdb, order.npy when shuffled)
     out_dir/eval/         same, when eval_files or eval_ratio is given
     out_dir/report.json   counts and token-length percentiles (BuildReport)
-    out_dir/build_key.json  the settings and data hashes the records were built from
+    out_dir/build_key.json  the settings, data hashes and template rendering the records were built from
     out_dir/rejects.jsonl   bad records skipped with on_error="skip"
 
 The build is atomic: it writes into `.{name}.tmp-*` beside `out_dir` and renames it into place at the end, so a
@@ -60,7 +60,9 @@ OnError = Literal["raise", "skip"]
 Sample = tuple[list[int], list[int]]
 
 IGNORE_INDEX = -100
-BUILD_VERSION = 2  # bump when the records a given key produces change (2: "chatglm3" is the chat format)
+# Bump when the build code changes the records a given key produces (2: "chatglm3" is the chat format; 3: the
+# key holds the template's rendering of PROBE_DIALOGUE).
+BUILD_VERSION = 3
 PLAIN_FIELDS = ("input_ids", "labels")
 PACKED_FIELDS = ("input_ids", "labels", "position_ids", "seq_ids")
 
@@ -137,6 +139,35 @@ def build_samples(dialogue: Dialogue, template: Template, multi_turn: MultiTurn 
         ids, labels = method(query, answer, history=turns[:i] or None, **kwargs)
         samples.append((list(ids), list(labels)))
     return samples
+
+
+# The dialogue every template renders for the records' cache key: two turns, Chinese and English, and a
+# system prompt, so that a change to how the template renders a query, an answer, the history or the system
+# prompt changes the key.
+PROBE_DIALOGUE = Dialogue(
+    turns=[
+        ("你好，请介绍一下你自己。", "我是一个人工智能助手，很高兴认识你。"),
+        ("What is 1 + 1?", "1 + 1 = 2."),
+    ],
+    system="You are a helpful assistant.",
+    source="<template probe>",
+)
+
+
+def template_fingerprint(template: Template, multi_turn: MultiTurn) -> str:
+    """Hash of what `template` renders on PROBE_DIALOGUE: the training samples (ids and labels) of
+    `multi_turn`, and the chat prompt of the last turn (what inference shows the model) where the template has
+    `build_chat_prompt`. The template's name alone would miss an edit to its code."""
+    samples = build_samples(PROBE_DIALOGUE, template, multi_turn)
+    rendered: dict[str, Any] = {
+        "samples": [[[int(t) for t in ids], [int(t) for t in labels]] for ids, labels in samples]
+    }
+    chat_prompt = getattr(template, "build_chat_prompt", None)
+    if callable(chat_prompt):
+        *history, (query, _) = PROBE_DIALOGUE.turns
+        prompt = chat_prompt(query, history, system=PROBE_DIALOGUE.system)
+        rendered["chat_prompt"] = [int(t) for t in prompt.input_ids]
+    return hashlib.sha256(json.dumps(rendered).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,10 +399,10 @@ def _init_worker(
 class _Chunk:
     """Consecutive records of one data file, for one worker: raw JSON lines (`lines`, the first being line
     `first_line` of file `name`, decoded in the worker: the main process only reads) or dialogues already
-    parsed (`items`, from a JSON array file). `format` is the file's format ("auto": not decided before)."""
+    parsed (`items`, from JSON array file `name`). `format` is the file's format ("auto": not decided before)."""
 
     split: str
-    name: str = ""
+    name: str
     format: str = "auto"
     first_line: int = 1
     lines: list[bytes] | None = None
@@ -391,9 +422,10 @@ class _ChunkResult:
     leading -100 labels before labels equal to the ids, or -1 when the labels are stored in `labels` (in
     order). `flat()` gives the records' stored layout. `per_dialogue[d]`: how many samples the chunk's d-th
     good dialogue gave; `errors`: its bad records, in order (with on_error="raise", only the first: the chunk
-    stops there)."""
+    stops there). `file`: the data file the chunk came from."""
 
     split: str
+    file: str
     ids: np.ndarray
     sizes: array
     prompt: array
@@ -500,7 +532,7 @@ def _process_chunk(chunk: _Chunk) -> _ChunkResult:
     if len(compact) and 0 <= compact.min() and compact.max() <= np.iinfo(np.uint16).max:
         compact = compact.astype(np.uint16)  # half the bytes to hand over, for vocabularies up to 65536
     return _ChunkResult(
-        chunk.split, compact, sizes, prompt, labels_out, per_dialogue, errors, counts, lengths
+        chunk.split, chunk.name, compact, sizes, prompt, labels_out, per_dialogue, errors, counts, lengths
     )
 
 
@@ -536,11 +568,11 @@ def _read_chunks(sources: Sequence[tuple[str, Path]], format: str, size: int) ->
     for split, path in sources:
         if is_json_array(path):
             for items in _chunks(iter_dialogues(path, format, errors="yield"), size):
-                yield _Chunk(split, items=items)
+                yield _Chunk(split, f"{path}", items=items)
             continue
         parse = DialogueParser(f"{path}", format)  # decides an "auto" format: the workers need it
         for first_line, lines in iter_line_chunks(path, size):
-            yield _Chunk(split, name=f"{path}", format=parse.format, first_line=first_line, lines=lines)
+            yield _Chunk(split, f"{path}", format=parse.format, first_line=first_line, lines=lines)
             for lineno, raw in enumerate(lines, first_line):
                 if parse.format != "auto":
                     break
@@ -805,6 +837,7 @@ def build_records(
             "build_version": BUILD_VERSION,
             "tokenizer": tokenizer_fingerprint,
             "template": template_name(template),
+            "template_rendering": template_fingerprint(template, multi_turn),
             "format": format,
             **asdict(lengths),
             # settings that do not matter for the strategy in use must not force a rebuild
@@ -937,6 +970,7 @@ def _build_into(
         sources = [("train", f) for f in train_files] + [("eval", f) for f in eval_paths]
         length_counts = np.zeros(1024, np.int64)
         counts: Counter = Counter()
+        records_in = dict.fromkeys((f"{path}" for _, path in sources), 0)  # good and bad, per data file
         initargs = (template, template_factory, lengths, multi_turn, on_error == "raise")
         bar = tqdm(desc="building records", unit=" dialogues", disable=not progress)
         with bar:
@@ -959,6 +993,7 @@ def _build_into(
                         say(f"skipping bad record: {error}", file=sys.stderr)
                     report.rejected += 1
                 report.dialogues_read += len(result.per_dialogue)
+                records_in[result.file] += len(result.per_dialogue) + len(result.errors)
                 draws = None
                 if (
                     result.split == "train" and eval_ratio
@@ -986,6 +1021,16 @@ def _build_into(
         for split, packer in packers.items():
             for record in packer.flush():
                 writers[split].write(record)
+        for name, n in records_in.items():
+            if n == 0:
+                raise DataError(name, "no records in this data file (it is empty or an empty JSON array)")
+        if writers["train"].num_records == 0:
+            raise DataError(
+                ", ".join(f"{path}" for split, path in sources if split == "train"),
+                f"no training records: {report.dialogues_read} dialogues read, {report.rejected} bad records "
+                f"skipped, {counts['dropped']} samples dropped (too long for max_seq_length with strategy "
+                f"{lengths.strategy!r}, or with no answer token)",
+            )
         for writer in writers.values():
             writer.close()
     except BaseException:

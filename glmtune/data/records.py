@@ -270,6 +270,13 @@ class RecordReader:
             i = int(self._order[i])
         return _unpack(self._read(i), self.fields)
 
+    def stored(self, i: int) -> dict[str, np.ndarray]:
+        """Record `i` in the order it was written (the data files' order), whatever the reading order."""
+        if not 0 <= i < self.num_records:
+            raise IndexError(f"record {i} out of range ({self.num_records} records)")
+        self._ensure_open()
+        return _unpack(self._read(int(i)), self.fields)
+
     @property
     def lengths(self) -> np.ndarray:
         """Tokens per record, in reading order."""

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,125 @@ def test_on_error_skip_counts_and_saves_the_bad_lines(data_utils, reference_dir,
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["source"] for r in rejects] == [f"{data}:{i}" for i in range(2, 2 + len(BAD))]
     assert json.loads((out / "report.json").read_text())["rejected"] == len(BAD)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------ inputs with no records
+
+
+def empty_inputs(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_bytes(b"\n  \n")
+    (tmp_path / "array.json").write_text(" [ ]\n")
+    (tmp_path / "folder").mkdir()
+    return {name: tmp_path / name for name in ("empty.jsonl", "blank.jsonl", "array.json", "folder")}
+
+
+@pytest.mark.parametrize("script", ["data_utils.py", "train.py"])
+@pytest.mark.parametrize("name", ["empty.jsonl", "blank.jsonl", "array.json", "folder"])
+def test_an_input_with_no_records_is_an_error_naming_it(reference_dir, tmp_path, capsys, script, name):
+    data = empty_inputs(tmp_path)[name]
+    out = tmp_path / "records"
+    flags = argv(reference_dir, data, out, "--train.output_dir", str(tmp_path / "run"))
+    if script == "data_utils.py":
+        flags = flags[:-2]
+    assert load_script(script).main(flags) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error")]  # beside the progress bar
+    assert len(errors) == 1 and errors[0].startswith("error: ") and str(data) in errors[0]
+    assert err.rstrip().endswith(errors[0]) and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_an_empty_eval_file_is_named_too(data_utils, reference_dir, tmp_path, capsys):
+    train = write_lines(tmp_path / "train.jsonl", [GOOD, GOOD])
+    empty = empty_inputs(tmp_path)["array.json"]
+    flags = argv(reference_dir, train, tmp_path / "records")
+    flags[flags.index("--data.eval_files") + 1] = json.dumps([str(empty)])
+    assert data_utils.main(flags) == 1
+    assert str(empty) in capsys.readouterr().err
+
+
+def test_a_file_whose_every_sample_is_dropped_is_an_error(data_utils, reference_dir, tmp_path, capsys):
+    data = write_lines(tmp_path / "train.jsonl", [GOOD, GOOD])
+    flags = argv(
+        reference_dir, data, tmp_path / "records", "--data.strategy", "drop", "--data.max_seq_length", "4"
+    )
+    assert data_utils.main(flags) == 1
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: ") and str(data) in error and "2 samples dropped" in error
+
+
+# ------------------------------------------------------------------------------------------------ --inspect
+
+
+def inspect_rows(printed: str) -> list[list[tuple[str, int, int]]]:
+    """The tables printed by --inspect: per sample, (token text, id, label) rows."""
+    samples: list[list[tuple[str, int, int]]] = []
+    for line in printed.splitlines():
+        if line.startswith("sample "):
+            samples.append([])
+        elif samples and (row := re.fullmatch(r"\s*(.+?)\s+(\d+) ->\s+(-?\d+)", line)):
+            samples[-1].append((row[1], int(row[2]), int(row[3])))
+    return samples
+
+
+def test_inspect_prints_token_id_label_of_the_first_samples(data_utils, reference_dir, tmp_path, capsys):
+    from glmtune.models.loading import load_tokenizer
+    from glmtune.tokenizers.prompts import get_template
+
+    pairs = [
+        ("一斤等于多少克？", "五百克。"),
+        ("乌龙茶适合什么水温？", "用一百度的沸水。"),
+        ("你好", "你好！"),
+    ]
+    lines = [json.dumps({"prompt": q, "completion": a}, ensure_ascii=False).encode() for q, a in pairs]
+    data = write_lines(tmp_path / "train.jsonl", lines)
+    model = reference_dir / "chatglm3-6b-tiny"
+    flags = argv(reference_dir, data, tmp_path / "records", "--inspect", "2")
+    flags[flags.index("--model.path") + 1] = str(model)
+    assert data_utils.main(flags) == 0
+    shown = inspect_rows(capsys.readouterr().out)
+
+    tokenizer = load_tokenizer(model, family="chatglm3")
+    template = get_template("chatglm3", tokenizer)
+    assert len(shown) == 2  # the first N, no more
+    for rows, (query, answer) in zip(shown, pairs, strict=False):
+        ids, labels = template.build_train_sample(query, answer)
+        assert [(i, label) for _, i, label in rows] == list(zip(ids, labels, strict=True))
+        assert [text for text, _, _ in rows] == [
+            repr(tokenizer.decode([i]) or tokenizer.convert_ids_to_tokens(i)) for i in ids
+        ]
+        assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+        at = ids.index(assistant)
+        assert rows[at] == ("'<|assistant|>'", assistant, -100)  # the prompt carries no loss
+        assert all(label == -100 for _, _, label in rows[:at])
+        assert all(label == i for _, i, label in rows[at + 1 :])  # the answer and </s> do
+
+    # Built records are read back, not rebuilt.
+    assert data_utils.main([*flags[:-1], "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "records up to date" in printed and len(inspect_rows(printed)) == 1
+
+
+def test_inspect_splits_packed_records_into_their_samples(data_utils, reference_dir, tmp_path, capsys):
+    data = write_lines(tmp_path / "train.jsonl", [GOOD] * 3)
+    flags = argv(reference_dir, data, tmp_path / "records", "--data.packing", "true", "--inspect", "3")
+    assert data_utils.main(flags) == 0
+    printed = capsys.readouterr().out
+    shown = inspect_rows(printed)
+    assert len(shown) == 3 and "(record 0)" in printed.split("sample 3")[1].splitlines()[0]
+    assert shown[0][1:] == shown[1][1:] == shown[2][1:]  # the same sample three times in one record
+    assert all(rows[0][2] == -100 for rows in shown)
+
+
+def test_inspect_refuses_a_negative_count(data_utils, reference_dir, tmp_path, capsys):
+    data = write_lines(tmp_path / "train.jsonl", [GOOD])
+    assert data_utils.main(argv(reference_dir, data, tmp_path / "records", "--inspect", "-1")) == 1
+    assert capsys.readouterr().err.startswith("error: --inspect")
