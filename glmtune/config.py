@@ -499,9 +499,9 @@ def check_data_files(files: list[str], key: str) -> list[Path]:
     paths = []
     for f in files:
         p = resolve_path(f)
+        if p.is_dir():
+            raise ConfigError(f"{key}: {f} is a directory, not a data file (list its files)")
         if not p.is_file():
             raise ConfigError(f"{key}: data file not found: {f}")
         paths.append(p)
     return paths
-        if p.is_dir():
-            raise ConfigError(f"{key}: {f} is a directory, not a data file (list its files)")
