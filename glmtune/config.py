@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # jsonargparse is imported where parsing happens, so the data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "default.yaml"
+# The one folder where the embedded tiny model is built on first use: a `model.path` anywhere else must
+# already hold a checkpoint, so a typo is an error rather than a freshly built random model.
+TINY_MODEL_PATH = "output/tiny-chatglm2"
 
 Family = Literal["auto", "chatglm", "chatglm2", "chatglm3", "hf"]
 Method = Literal["full", "freeze", "ptv2", "lora", "adalora", "ia3"]
@@ -67,15 +70,21 @@ class ModelArgs:
         quantization_bit: 0, or 8 / 4 for ChatGLM int8 / int4 weights (published format).
         quantization: bitsandbytes quantization of the block linears at load, CUDA only: none, bnb8
             (LLM.int8) or nf4 (4-bit NormalFloat, QLoRA); the LoRA adapters stay in float.
-        tiny: when set and `path` has no config.json yet, build a tiny ChatGLM2 there first.
+        tiny: when set and `path` is the default folder (output/tiny-chatglm2) without a checkpoint yet,
+            build the tiny ChatGLM2 there first; any other `path` must already hold a checkpoint.
+        trust_remote_code: let transformers run the Python code shipped in the checkpoint folder (needed by
+            models such as Baichuan whose architecture transformers does not have). Off by default: that code
+            runs with your permissions, so turn it on only for folders you trust. ChatGLM checkpoints never
+            need it (glmtune carries its own implementations).
     """
 
-    path: str = "output/tiny-chatglm2"
+    path: str = TINY_MODEL_PATH
     family: Family = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     quantization_bit: Literal[0, 4, 8] = 0
     quantization: Literal["none", "bnb8", "nf4"] = "none"
     tiny: TinyModelArgs | None = None
+    trust_remote_code: bool = False
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from glmtune.config import TinyModelArgs, resolve_path
+from glmtune.config import TINY_MODEL_PATH, ConfigError, TinyModelArgs, resolve_path
 
 SPECIAL_TOKENS = 9  # [MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|> <|observation|>
 
@@ -76,11 +76,16 @@ def build_tiny_chatglm2(folder: str | Path, args: TinyModelArgs) -> Path:
 
 
 def ensure_model(path: str | Path, tiny: TinyModelArgs | None) -> Path:
-    """The checkpoint folder for `model.path`, building the tiny default there if asked and absent."""
+    """The checkpoint folder for `model.path`, building the tiny default there if asked and absent.
+
+    Only the default folder is ever built: elsewhere a missing checkpoint is the user's mistake (a typo in
+    the path), which must not silently become a new random model.
+    """
     p = resolve_path(path)
     if (p / "config.json").is_file():
         return p
-    if tiny is None:
-        raise FileNotFoundError(f"model.path: no checkpoint (config.json) in {path}")
+    if tiny is None or p.resolve() != resolve_path(TINY_MODEL_PATH).resolve():
+        what = "does not exist" if not p.exists() else "holds no checkpoint (config.json)"
+        raise ConfigError(f"model.path: {path} {what}")
     print(f"building the tiny default model in {p} ...")
     return build_tiny_chatglm2(p, tiny)
