@@ -1,4 +1,5 @@
-"""torch side of the records: a map-style Dataset, a padding collator, and masks for packed sequences."""
+"""torch side of the records: a map-style Dataset and a padding collator. The attention masks of packed records
+live with the models (`glmtune.models.packing`) and are re-exported here."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import torch
 from torch.utils.data import Dataset
 
 from glmtune.data.records import RecordReader, open_reader, read_meta
+from glmtune.models.packing import block_causal_mask, cu_seqlens
 
 IGNORE_INDEX = -100
+
+__all__ = ["IGNORE_INDEX", "Collator", "RecordDataset", "block_causal_mask", "collate_fn", "cu_seqlens"]
 
 
 class RecordDataset(Dataset):
@@ -100,38 +104,3 @@ def collate_fn(
 ) -> Collator:
     """The DataLoader `collate_fn` for RecordDataset items; see `Collator`."""
     return Collator(pad_token_id, pad_to_multiple_of, padding_side)
-
-
-def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[B, T] packed-sample ids (0 = padding) -> [B, 1, T, T] attention mask, query i may see key j iff both
-    belong to the same sample and j <= i: block diagonal and causal, never across samples.
-
-    Returns bool (True = attend), as scaled_dot_product_attention takes it, or with `dtype` an additive float
-    mask (0 / most negative value). Padding rows see only themselves, so no softmax row is empty (NaN)."""
-    t = seq_ids.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()
-    same = seq_ids[:, :, None] == seq_ids[:, None, :]  # [B, T(query), T(key)]
-    real = (seq_ids != 0)[:, None, :]
-    eye = torch.eye(t, dtype=torch.bool, device=seq_ids.device)
-    mask = ((same & real & causal) | eye)[:, None]
-    if dtype is None:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=seq_ids.device).masked_fill(
-        ~mask, torch.finfo(dtype).min
-    )
-
-
-def cu_seqlens(seq_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative sample lengths over the batch's real tokens, row by row ([0, n1, n1+n2, ...], int32) and the
-    longest sample: the varlen-attention (flash-attn) view of the same packing."""
-    lengths = []
-    for row in seq_ids:
-        ids = row[row != 0]
-        if len(ids):
-            # consecutive runs of equal ids are samples
-            change = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
-            bounds = torch.cat([torch.tensor([0]), change, torch.tensor([len(ids)])])
-            lengths += (bounds[1:] - bounds[:-1]).tolist()
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    return cu, max(lengths, default=0)

@@ -27,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import ModelOutput, logging
 
 from glmtune.models.losses import chunked_causal_lm_loss
+from glmtune.models.packing import refuse_cache, sample_starts
 
 logger = logging.get_logger(__name__)
 
@@ -259,6 +260,19 @@ def first_index(hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hits.int().argmax(dim=-1), hits.any(dim=-1)
 
 
+def first_index_in_sample(hits: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token of a bool [b, L] tensor: the index of the first True in the token's sample (the tokens
+    sharing its `starts` entry, see glmtune.models.packing.sample_starts), counted from the sample's start,
+    and whether there is one. Both [b, L]."""
+    L = hits.shape[-1]
+    arange = torch.arange(L, device=hits.device).expand_as(hits)
+    candidates = torch.where(hits, arange, L)
+    # the smallest candidate of each sample, stored at the sample's start, then read back by every token
+    first = torch.full_like(candidates, L).scatter_reduce(1, starts, candidates, reduce="amin")
+    first = first.gather(1, starts)
+    return first - starts, first < L
+
+
 class ChatGLMPreTrainedModel(PreTrainedModel):
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
@@ -319,29 +333,56 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         kv = kv.permute(2, 0, 3, 1, 4)
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.config.num_layers)]
 
+    def sample_layout(
+        self, input_ids: torch.Tensor, seq_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where each token stands in its own sample, [b, L] each: its index from the sample's start, the
+        sample's context length (the index of its `<sop>`; its length when it has none, i.e. all context),
+        and the index of the `[gMASK]` (else `[MASK]`) that its answer fills in."""
+        starts = sample_starts(seq_ids)
+        local = torch.arange(input_ids.shape[-1], device=input_ids.device) - starts
+        # a sample's length: one past the largest local index among its tokens
+        length = torch.zeros_like(local).scatter_reduce(1, starts, local + 1, reduce="amax").gather(1, starts)
+        context_length, has_bos = first_index_in_sample(input_ids == self.config.bos_token_id, starts)
+        context_length = torch.where(has_bos, context_length, length)
+        gmask_pos, has_gmask = first_index_in_sample(input_ids == self.config.gmask_token_id, starts)
+        mask_pos, has_mask = first_index_in_sample(input_ids == self.config.mask_token_id, starts)
+        # the published code errors out without a mask token; fall back to the token before <sop>
+        mask_pos = torch.where(has_gmask, gmask_pos, torch.where(has_mask, mask_pos, context_length - 1))
+        return local, context_length, mask_pos
+
     def get_position_ids(
-        self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """GLM's 2D position ids [b, 2, L] for whole (optionally left-padded) prompts, as the published tokenizer
         builds them: positions count from the first real token (pads get 0); from `<sop>` on, the position stays
-        at the `[gMASK]` (else `[MASK]`) being filled in, and the block position counts 1, 2, 3, ..."""
-        b, L = input_ids.shape
-        arange = torch.arange(L, device=input_ids.device).expand(b, L)
-        num_pads = torch.zeros(b, dtype=torch.long, device=input_ids.device)
-        if padding_mask is not None:  # left padding: positions count from the first real token
-            num_pads = first_index(padding_mask.bool())[0]
-        context_length, has_bos = first_index(input_ids == self.config.bos_token_id)
-        # a row without <sop> is all context: plain positions, block position 0
-        context_length = torch.where(has_bos, context_length, L)
-        gmask_pos, has_gmask = first_index(input_ids == self.config.gmask_token_id)
-        mask_pos, has_mask = first_index(input_ids == self.config.mask_token_id)
-        # the published code errors out without a mask token; fall back to the token before <sop>
-        mask_pos = torch.where(has_gmask, gmask_pos, torch.where(has_mask, mask_pos, context_length - 1))
+        at the `[gMASK]` (else `[MASK]`) being filled in, and the block position counts 1, 2, 3, ...
 
-        in_block = arange >= context_length[:, None]
-        positions = torch.where(in_block, mask_pos[:, None], arange) - num_pads[:, None]
-        block_positions = torch.where(in_block, arange - context_length[:, None] + 1, 0)
-        return torch.stack((positions.clamp(min=0), block_positions), dim=1)
+        With `seq_ids` [b, L] (a packed batch, 0 = padding) every sample gets the positions it would get alone.
+        """
+        if seq_ids is None:
+            # one sample per row: its real tokens (padding_mask 1), or the whole row
+            seq_ids = padding_mask.long() if padding_mask is not None else torch.ones_like(input_ids)
+        local, context_length, mask_pos = self.sample_layout(input_ids, seq_ids)
+        in_block = local >= context_length
+        real = seq_ids != 0
+        positions = torch.where(in_block, mask_pos, local) * real
+        block_positions = torch.where(in_block, local - context_length + 1, 0) * real
+        return torch.stack((positions, block_positions), dim=1)
+
+    def get_packed_masks(self, input_ids: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+        """The prefix-LM mask of a packed batch, bool [b, 1, L, L], True = masked: a token sees the tokens of its
+        own sample up to itself and that sample's whole prompt before `<sop>`; never another sample or padding."""
+        L = input_ids.shape[-1]
+        local, context_length, _ = self.sample_layout(input_ids, seq_ids)
+        arange = torch.arange(L, device=input_ids.device)
+        causal = arange[None, :] <= arange[:, None]  # [L(query), L(key)]
+        in_context = (local < context_length)[:, None, :]  # [b, 1, L(key)]
+        same = (seq_ids[:, :, None] == seq_ids[:, None, :]) & (seq_ids != 0)[:, None, :]
+        return ~(same & (causal[None] | in_context))[:, None]
 
     def get_masks(
         self,
@@ -380,13 +421,33 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: Cache | None = None,
+        seq_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """attention_mask: None, a padding mask [b, past + q] (1 = keep), or the published bool mask
         [b, 1, q, past + q] (True = masked; a float 4D mask is taken as an additive bias).
-        position_ids: [b, 2, q] (positions, block positions); derived from input_ids when not given."""
+        position_ids: [b, 2, q] (positions, block positions); derived from input_ids when not given.
+        seq_ids: [b, q], a packed batch (samples numbered 1, 2, ... in each row, 0 = padding): each sample gets
+        the 2D positions and prefix-LM mask it would get alone, derived from input_ids; the 2D padding mask and
+        the records' 1D position_ids [b, q] are then not read."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if seq_ids is not None:
+            refuse_cache(seq_ids, past_key_values if past_key_values is not None else cache, use_cache)
+            if input_ids is None:
+                raise ValueError(
+                    "seq_ids (a packed batch) needs input_ids: each sample's <sop> is found in them"
+                )
+            if (position_ids is not None and position_ids.dim() == 3) or (
+                attention_mask is not None and attention_mask.dim() == 4
+            ):
+                raise ValueError(
+                    "seq_ids (a packed batch) derives each sample's 2D positions and mask: pass no [b, 2, q] "
+                    "position_ids or 4D attention_mask with it"
+                )
+            use_cache = False
+            position_ids = self.get_position_ids(input_ids, seq_ids=seq_ids)
+            attention_mask = self.get_packed_masks(input_ids, seq_ids)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training and use_cache:
             logger.warning_once(
@@ -501,6 +562,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         cache: Cache | None = None,
         logits_to_keep: int = 0,
+        seq_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """See ChatGLMModel.forward for the mask and position formats. `cache` is transformers 5's name for
@@ -514,6 +576,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            seq_ids=seq_ids,
         )
         hidden_states = outputs.last_hidden_state
         if labels is not None and self.loss_chunk_size > 0:

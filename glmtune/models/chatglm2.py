@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from glmtune.models.lean_ops import rms_norm, swiglu
 from glmtune.models.losses import chunked_causal_lm_loss
+from glmtune.models.packing import block_causal_mask, positions_in_samples, refuse_cache
 
 
 class ChatGLM2Config(PretrainedConfig):
@@ -473,6 +474,14 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         mask = mask | ~mask.any(dim=-1, keepdim=True)
         return mask.unsqueeze(1)
 
+    def get_packed_masks(self, seq_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean [b, 1, s, prefix + s] mask (True = attend) of a packed batch: block-diagonal causal over the
+        tokens (no attention across samples), and every token sees the whole P-Tuning v2 prefix."""
+        mask = block_causal_mask(seq_ids)
+        if self.pre_seq_len:
+            mask = F.pad(mask, (self.pre_seq_len, 0), value=True)
+        return mask
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -484,9 +493,16 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: Cache | None = None,
+        seq_ids: torch.Tensor | None = None,
         **kwargs: object,
     ) -> BaseModelOutputWithPast | tuple:
+        """`seq_ids` [b, s]: a packed batch, samples numbered 1, 2, ... in each row (0 = padding); attention
+        stays inside each sample (the P-Tuning v2 prefix stays visible to all) and `attention_mask` is not
+        read. position_ids restart at 0 in each sample (as the packed records hold them; derived when not given)."""
         cache = cache if cache is not None else past_key_values
+        refuse_cache(seq_ids, cache, use_cache)
+        if seq_ids is not None:
+            use_cache = False
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids and inputs_embeds")
         output_hidden_states = (
@@ -511,13 +527,18 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
             cache = None
         past_len = cache.get_seq_length() if cache is not None else 0
 
+        if position_ids is None and seq_ids is not None:
+            position_ids = positions_in_samples(seq_ids.to(device))
         if position_ids is None:
             # Published default: consecutive positions (after any cached ones). generate() passes
             # mask-derived positions instead, so left padding works.
             position_ids = torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)
             position_ids = position_ids.expand(batch_size, -1)
         rotary_pos_emb = self.rotary_pos_emb(position_ids, dtype=inputs_embeds.dtype)
-        full_attention_mask = self.get_masks(attention_mask, batch_size, seq_len, past_len, device)
+        if seq_ids is not None:
+            full_attention_mask = self.get_packed_masks(seq_ids.to(device))
+        else:
+            full_attention_mask = self.get_masks(attention_mask, batch_size, seq_len, past_len, device)
         prefix = self.get_prompt(batch_size, inputs_embeds.dtype) if self.pre_seq_len is not None else None
 
         hidden_states, all_hidden_states = self.encoder(
@@ -573,10 +594,12 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
         return_dict: bool | None = None,
         cache: Cache | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        seq_ids: torch.Tensor | None = None,
         **kwargs: object,
     ) -> CausalLMOutputWithPast | tuple:
         """`attention_mask` [b, s] (1 keep, 0 padding), `position_ids` [b, s]; `cache` is transformers 5's
-        name for `past_key_values`. `logits_to_keep` > 0 computes logits for only the last positions."""
+        name for `past_key_values`. `logits_to_keep` > 0 computes logits for only the last positions.
+        `seq_ids` [b, s]: a packed batch (see ChatGLM2Model.forward)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if kwargs.pop("return_last_logit", False):  # published generate() flag
             logits_to_keep = 1
@@ -589,6 +612,7 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
             output_hidden_states=output_hidden_states,
             return_dict=True,
             cache=cache if cache is not None else past_key_values,
+            seq_ids=seq_ids,
         )
         hidden_states = outputs.last_hidden_state
         if labels is not None and self.loss_chunk_size > 0:

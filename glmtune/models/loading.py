@@ -21,6 +21,8 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from glmtune.models.packing import accept_packed_batches
+
 Family = Literal["chatglm", "chatglm2", "chatglm3", "hf"]
 CHATGLM_FAMILIES: tuple[str, ...] = ("chatglm", "chatglm2", "chatglm3")
 
@@ -293,6 +295,7 @@ def load_model(
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         model.glmtune_family = "hf"
+        accept_packed_batches(model)  # packed batches (seq_ids) keep their samples apart in attention
         return model.to(device) if device is not None else model
     return _load_chatglm(
         path,

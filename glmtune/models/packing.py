@@ -1,0 +1,111 @@
+"""Packed batches: several samples per row, kept apart in attention.
+
+A packed batch (`glmtune.data.build.pack_record`, padded by the collator) carries `seq_ids` [b, s]: the
+samples of a row numbered 1, 2, 3, ..., 0 for padding. Every model forward glmtune trains through takes
+`seq_ids` and lets a token attend only to earlier tokens of its own sample:
+
+- ChatGLM2/3 and ChatGLM-6B read it in their own forward (the 6B also derives each sample's 2D positions
+  and prefix-LM mask from it);
+- transformers models do not know the argument: `accept_packed_batches` (called by `load_model`) makes
+  their forward turn it into a block-diagonal attention mask, below any PEFT wrapper.
+
+A packed batch is a whole sequence for a loss: it never continues from, or writes, a key/value cache.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[B, T] packed-sample ids (0 = padding) -> [B, 1, T, T] attention mask, query i may see key j iff both
+    belong to the same sample and j <= i: block diagonal and causal, never across samples.
+
+    Returns bool (True = attend), as scaled_dot_product_attention takes it, or with `dtype` an additive float
+    mask (0 / most negative value). Padding rows see only themselves, so no softmax row is empty (NaN)."""
+    t = seq_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()
+    same = seq_ids[:, :, None] == seq_ids[:, None, :]  # [B, T(query), T(key)]
+    real = (seq_ids != 0)[:, None, :]
+    eye = torch.eye(t, dtype=torch.bool, device=seq_ids.device)
+    mask = ((same & real & causal) | eye)[:, None]
+    if dtype is None:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=seq_ids.device).masked_fill(
+        ~mask, torch.finfo(dtype).min
+    )
+
+
+def cu_seqlens(seq_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative sample lengths over the batch's real tokens, row by row ([0, n1, n1+n2, ...], int32, on
+    seq_ids' device) and the longest sample: the varlen-attention (flash-attn) view of the same packing, for
+    tokens gathered in row-major order (`seq_ids.flatten() != 0`)."""
+    flat = seq_ids.flatten()
+    rows = torch.arange(seq_ids.shape[0], device=seq_ids.device).repeat_interleave(seq_ids.shape[1])
+    real = flat != 0
+    flat, rows = flat[real], rows[real]
+    # a sample starts where the id or the row changes
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = (flat[1:] != flat[:-1]) | (rows[1:] != rows[:-1])
+    bounds = torch.cat([torch.nonzero(starts).flatten(), flat.new_tensor([len(flat)])])
+    lengths = bounds[1:] - bounds[:-1]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=seq_ids.device)
+    cu[1:] = lengths.cumsum(0)
+    return cu, int(lengths.max()) if len(lengths) else 0
+
+
+def sample_starts(seq_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] -> for every token, the index in its row of its sample's first token (a run of padding counts
+    as a sample too). Samples are contiguous runs of one id, as the packer writes them."""
+    arange = torch.arange(seq_ids.shape[-1], device=seq_ids.device).expand_as(seq_ids)
+    is_start = torch.ones_like(seq_ids, dtype=torch.bool)
+    is_start[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    return torch.where(is_start, arange, 0).cummax(dim=-1).values
+
+
+def positions_in_samples(seq_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] -> each token's index within its own sample (0, 1, 2, ... restarting at every sample)."""
+    return torch.arange(seq_ids.shape[-1], device=seq_ids.device) - sample_starts(seq_ids)
+
+
+def refuse_cache(seq_ids: torch.Tensor | None, cache: object | None, use_cache: bool | None) -> None:
+    """A packed batch is a whole sequence: it neither continues from nor fills a key/value cache."""
+    if seq_ids is not None and (cache is not None or use_cache):
+        raise ValueError(
+            "seq_ids (a packed batch of several samples per row) cannot be used with a key/value cache or "
+            "generate(): pass use_cache=False and no past_key_values, or generate from unpacked inputs"
+        )
+
+
+def _forward_with_seq_ids(self: nn.Module, *args: Any, seq_ids: torch.Tensor | None = None, **kwargs: Any):
+    """The model's own forward, taking `seq_ids` as a block-diagonal causal 4D attention mask (transformers
+    uses a 4D mask as given). The records' position_ids, restarting at 0 in each sample, pass through."""
+    forward = type(self).forward
+    if seq_ids is None:
+        return forward(self, *args, **kwargs)
+    refuse_cache(seq_ids, kwargs.get("past_key_values"), kwargs.get("use_cache"))
+    implementation = getattr(self.config, "_attn_implementation", None) or "eager"
+    if "flash" in implementation:
+        raise ValueError(
+            f"packed batches (data.packing) take a 4D attention mask, which attn_implementation "
+            f"{implementation!r} cannot apply; load the model with sdpa or eager attention"
+        )
+    # eager attention adds the mask to the scores; the other kernels take True = attend
+    dtype = self.dtype if implementation == "eager" else None
+    kwargs["attention_mask"] = block_causal_mask(seq_ids.to(self.device), dtype=dtype)
+    kwargs["use_cache"] = False
+    return forward(self, *args, **kwargs)
+
+
+def accept_packed_batches(model: nn.Module) -> nn.Module:
+    """Let a transformers causal LM take the collated packed batch, `model(**batch)` with `seq_ids`.
+
+    The model instance's `forward` is replaced (a method bound to it, so copies rebind to the copy): PEFT
+    wrappers call `forward` of the model they wrap directly, past any hook, and pass `seq_ids` on in their
+    kwargs. Calls without `seq_ids` (generation, unpacked batches) run the class's forward unchanged."""
+    model.forward = types.MethodType(_forward_with_seq_ids, model)
+    return model
