@@ -10,10 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glmtune.data.build import build_records, build_records_cli
+from glmtune.data.build import build_records, build_records_cli, template_fingerprint
 from glmtune.data.readers import DataError
 from glmtune.data.records import open_reader
-from tests.data.test_data_fakes import IGNORE, CharTemplate, TurnOnlyTemplate, decode, make_char_template
+from tests.data.test_data_fakes import (
+    IGNORE,
+    CharTemplate,
+    SystemCharTemplate,
+    TurnOnlyTemplate,
+    decode,
+    make_char_template,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -92,6 +99,69 @@ def test_cache_reuse_and_rebuild_with_reasons(tmp_path, capsys):
 
     report = build(tmp_path, data, max_seq_length=32, tokenizer_fingerprint="char-v2", force=True)
     assert report.reasons == ["force=True"]
+
+
+class ChatCharTemplate(CharTemplate):
+    """With a chat prompt for inference, as the real templates have."""
+
+    name = "char-test-chat"
+
+    def build_chat_prompt(self, query, history=None, system=None):
+        from glmtune.tokenizers.prompts import ChatPrompt
+
+        text = self.prompt(query, history)
+        return ChatPrompt(text, [1, 2, *(ord(c) for c in text)])
+
+
+def test_editing_what_the_template_renders_rebuilds(tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", 10)
+    first = build(tmp_path, data, template=ChatCharTemplate())
+    assert not first.reused
+    assert build(tmp_path, data, template=ChatCharTemplate()).reused  # same code, same name: reused
+
+    # The training sample changes (same name, same tokenizer): rebuilt, and the records follow the new code.
+    original = CharTemplate.prompt
+    monkeypatch.setattr(
+        CharTemplate, "prompt", lambda self, q, h=None: original(self, q, h).replace("Q:", "U:")
+    )
+    report = build(tmp_path, data, template=ChatCharTemplate())
+    assert not report.reused and [r.split(":")[0] for r in report.reasons] == ["template_rendering"]
+    assert decode(all_records(tmp_path / "records" / "train")[0][0]).startswith("<g><s>U:")
+    assert build(tmp_path, data, template=ChatCharTemplate()).reused
+
+    # Only the chat prompt changes (what inference shows the model): noticed too.
+    chat = ChatCharTemplate.build_chat_prompt
+    monkeypatch.setattr(
+        ChatCharTemplate,
+        "build_chat_prompt",
+        lambda self, *a, **k: chat(self, *a, **k)._replace(input_ids=[1]),
+    )
+    report = build(tmp_path, data, template=ChatCharTemplate())
+    assert not report.reused and [r.split(":")[0] for r in report.reasons] == ["template_rendering"]
+
+
+def test_the_template_probe_renders_history_and_system(monkeypatch):
+    """A change that shows only in a later turn's history, or only with a system prompt, changes the key."""
+    before = template_fingerprint(SystemCharTemplate(), "per_turn")
+    original = CharTemplate.prompt
+    monkeypatch.setattr(
+        CharTemplate,
+        "prompt",
+        lambda self, q, h=None: original(self, q, h).replace("\nA:", "\nB:", 1 if h else 0),
+    )
+    history_only = template_fingerprint(SystemCharTemplate(), "per_turn")
+    assert history_only != before
+    monkeypatch.undo()
+    parent = SystemCharTemplate.build_train_sample
+    monkeypatch.setattr(
+        SystemCharTemplate,
+        "build_train_sample",
+        lambda self, q, r, history=None, system=None: parent(self, q, r, history, system and system.upper()),
+    )
+    assert template_fingerprint(SystemCharTemplate(), "per_turn") != before
+    assert template_fingerprint(SystemCharTemplate(), "dialogue") != template_fingerprint(
+        SystemCharTemplate(), "per_turn"
+    )
 
 
 def test_workers_give_the_same_records_in_order(tmp_path):

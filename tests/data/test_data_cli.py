@@ -194,3 +194,25 @@ def test_inspect_refuses_a_negative_count(data_utils, reference_dir, tmp_path, c
     data = write_lines(tmp_path / "train.jsonl", [GOOD])
     assert data_utils.main(argv(reference_dir, data, tmp_path / "records", "--inspect", "-1")) == 1
     assert capsys.readouterr().err.startswith("error: --inspect")
+
+
+def test_editing_a_template_rebuilds_the_records(data_utils, reference_dir, tmp_path, monkeypatch, capsys):
+    from glmtune.tokenizers.prompts import ChatGLM2Template
+
+    data = write_lines(tmp_path / "train.jsonl", [GOOD])
+    flags = argv(reference_dir, data, tmp_path / "records", "--inspect", "1")
+    assert data_utils.main(flags) == 0
+    before = inspect_rows(capsys.readouterr().out)
+    assert data_utils.main(flags) == 0
+    assert "records up to date" in capsys.readouterr().out
+
+    parts = ChatGLM2Template.prompt_parts
+    monkeypatch.setattr(
+        ChatGLM2Template,
+        "prompt_parts",
+        lambda self, *a, **k: [(text.replace("问：", "Q: "), s) for text, s in parts(self, *a, **k)],
+    )
+    assert data_utils.main(flags) == 0
+    printed = capsys.readouterr().out
+    assert "building records in" in printed and "template_rendering" in printed
+    assert inspect_rows(printed) != before  # the records follow the edited template
