@@ -1,7 +1,8 @@
-"""The task's LightningModule: change the loss or the batch handling here.
+"""The task's LightningModule: change the training loss here.
 
-`model_step` is shared by training and validation; everything else (optimizer, schedule, NaN guard,
-checkpoint filtering, AdaLoRA budget updates) comes from glmtune.training.module.CausalLMModule.
+Training, validation and test call the model the same way in every run (all batch keys, no key/value cache:
+glmtune.training.module.CausalLMModule.model_step) and then `loss(batch, outputs)` below. Everything else
+(optimizer, schedule, NaN guard, checkpoints, AdaLoRA budget updates) comes from CausalLMModule.
 """
 
 import torch
@@ -10,6 +11,12 @@ from glmtune.training.module import CausalLMModule
 
 
 class ChatModel(CausalLMModule):
-    def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # The model computes the mean token cross entropy over labels != -100 (the answers).
-        return self.model(**batch).loss
+    # Set to True when `loss` reads outputs.logits: the model then returns full logits (more memory) instead
+    # of scoring the labels chunk by chunk with outputs.logits None.
+    uses_logits = False
+
+    def loss(self, batch: dict[str, torch.Tensor], outputs) -> torch.Tensor:
+        # The model's mean token cross entropy over labels != -100 (the answers). For example, with
+        # uses_logits = True: F.cross_entropy(outputs.logits[:, :-1].flatten(0, 1).float(),
+        #     batch["labels"][:, 1:].flatten(), ignore_index=-100, label_smoothing=0.1)
+        return outputs.loss

@@ -3,7 +3,7 @@
 Both sides train the same ChatGLM2-6B-shaped network with random bf16 weights, LoRA r=8 on every block
 linear, AdamW, SDPA attention. The peer is the stack users would otherwise reach for, in a plain loop with
 full gradient checkpointing. glmtune runs its real LightningModule and method code (apply_method +
-CausalLMModule under a Lightning Trainer) with its optimisations: chunked cross entropy (no fp32 logits over
+models.ChatModel, the class train.py trains with, under a Lightning Trainer) with its optimisations: chunked cross entropy (no fp32 logits over
 the vocabulary), selective activation checkpointing sized to stay under the peer's peak memory, fused LoRA.
 Then ChatGLM-6B (v1) LoRA at 128 x 1 with bf16, int8 and int4 weights reports peak memory. Last, rows
 "glmtune+compile" repeat glmtune's with `train.compile` (torch.compile'd blocks) on CUDA, and
@@ -307,7 +307,10 @@ def glmtune_lora_model(shape: dict, device, dtype, v1: bool = False, bits: int =
         with torch.device(device):
             model = ChatGLM2ForConditionalGeneration(config).to(dtype)
         model.glmtune_family = "chatglm2"
-    model.loss_chunk_size = LOSS_CHUNK_TOKENS  # as the trainer sets it
+    from models import ChatModel
+
+    if not ChatModel.uses_logits:
+        model.loss_chunk_size = LOSS_CHUNK_TOKENS  # as the trainer sets it
     if bits:
         quantization.quantize_model(model, bits)
     cfg = TaskConfig(method="lora", lora=LoraArgs(r=8, alpha=16, dropout=0.0))
@@ -317,14 +320,14 @@ def glmtune_lora_model(shape: dict, device, dtype, v1: bool = False, bits: int =
 
 
 def fit_steps(model, batch_size: int, seq: int, vocab: int, args, device) -> tuple[list[float], list[float]]:
-    """Train warmup + steps optimizer steps through the real LightningModule and Trainer."""
+    """Train warmup + steps optimizer steps through train.py's LightningModule and a Lightning Trainer."""
     import lightning as L
 
     from glmtune.config import TrainArgs
-    from glmtune.training.module import CausalLMModule
+    from models import ChatModel
 
     total = args.warmup + args.steps
-    module = CausalLMModule(
+    module = ChatModel(
         model,
         TrainArgs(learning_rate=1e-4, gradient_clip_val=0.0, scheduler="constant"),
         total_steps=total,

@@ -96,6 +96,7 @@ def run_case(name: str, model_dir: Path, out: Path, tiny: bool) -> dict:
 
     from glmtune.config import DataArgs, LoraArgs, ModelArgs, TaskConfig, TrainArgs
     from glmtune.training.trainer import train
+    from models import ChatModel
 
     case = CASES[name]
     gpu = torch.cuda.is_available()
@@ -137,7 +138,7 @@ def run_case(name: str, model_dir: Path, out: Path, tiny: bool) -> dict:
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = train(cfg, callbacks=[losses], enable_progress_bar=False)
+    result = train(cfg, module_cls=ChatModel, callbacks=[losses], enable_progress_bar=False)
     seconds = time.perf_counter() - start
     peak = (
         torch.cuda.max_memory_allocated()

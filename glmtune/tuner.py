@@ -18,10 +18,13 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glmtune.config import ConfigError, TaskConfig, build_parser, namespace_to_task
 from glmtune.generation import ChatEngine, History
+
+if TYPE_CHECKING:
+    from glmtune.training.module import CausalLMModule
 
 PathLike = str | os.PathLike
 
@@ -36,6 +39,9 @@ class Tuner:
         config: a task YAML to start from instead of config/default.yaml.
         device: where inference runs ("cpu", "cuda", "cuda:1"; default cpu). Training follows
             `train.accelerator` / `train.devices`.
+        module_cls: the LightningModule class to train with: CausalLMModule by default, whose loss is the
+            one `models.ChatModel` (what train.py trains with) has until edited; pass ChatModel, or a subclass
+            overriding `loss`, to tune with a changed loss.
         **overrides: config sections as dicts, e.g. `lora={"r": 16}`, `train={"output_dir": "output/mine"}`,
             `generation={"max_new_tokens": 128}`. Unknown keys and wrong types raise ConfigError.
     """
@@ -47,6 +53,7 @@ class Tuner:
         *,
         config: PathLike | None = None,
         device: str | None = None,
+        module_cls: type[CausalLMModule] | None = None,
         **overrides: dict[str, Any],
     ) -> None:
         self._parser = build_parser("glmtune.Tuner")
@@ -63,6 +70,7 @@ class Tuner:
             changes["model"] = {"path": str(model_path), "tiny": None, **changes.get("model", {})}
         self._update(changes)
         self.device = device
+        self.module_cls = module_cls
         self.artifact: Path | None = None  # the tuned (or loaded) result chat and eval use; None = base model
         self.train_metrics: dict[str, float] = {}
         self._engine: ChatEngine | None = None
@@ -116,7 +124,9 @@ class Tuner:
 
         if train:
             self._update({"train": train})
-        result = run_training(self.cfg)
+        from glmtune.training.module import CausalLMModule
+
+        result = run_training(self.cfg, module_cls=self.module_cls or CausalLMModule)
         self.artifact = result.artifact_dir
         self.train_metrics = result.metrics
         self._engine = None

@@ -1,9 +1,10 @@
 """The LightningModule hosting a backbone with its tuning method.
 
-The task's `models.py` subclasses it; `model_step` is the one place a researcher changes the loss or the
-batch handling (train, validation and test all go through it). Everything else here is the machinery every
-method shares: the non-finite loss guard, AdaLoRA's budget updates, optimizer and schedule, per-step
-seeding (exact resume) and checkpoints that hold only what trains.
+Train, validation and test all go through `model_step`: one model call (every batch key, no key/value cache)
+and then `loss(batch, outputs)`, the one method a subclass overrides (the task's `models.py` is the place).
+The call itself cannot be overridden, so the scripts, `Tuner` and the benchmarks all train the same path.
+Everything else here is the machinery every method shares: the non-finite loss guard, AdaLoRA's budget
+updates, optimizer and schedule, per-step seeding (exact resume) and checkpoints that hold only what trains.
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ def step_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
 
 
 class CausalLMModule(L.LightningModule):
+    # False: the model scores its labels itself, chunk by chunk, without materialising the full logits
+    # (outputs.logits is None). A `loss` that reads outputs.logits sets it to True.
+    uses_logits: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "model_step" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} overrides model_step: override loss(batch, outputs) instead, so the model "
+                "is called as in every other run (all batch keys, use_cache=False)"
+            )
+
     def __init__(self, model: nn.Module, train_args: TrainArgs, total_steps: int, method: str = "lora"):
         super().__init__()
         self.model = model
@@ -58,9 +71,16 @@ class CausalLMModule(L.LightningModule):
     # ---------------------------------------------------------------- steps
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # No key/value cache: a loss needs none, and under train.compile a cache object passed to every block
-        # would make each block's graph specialise on its cache layer and recompile, block after block.
-        return self.model(**batch, use_cache=False).loss
+        # Every key of the batch reaches the model: packed batches carry seq_ids and position_ids beside
+        # input_ids, attention_mask and labels. No key/value cache: a loss needs none, and under train.compile a
+        # cache object passed to every block would make each block's graph specialise on its cache layer and
+        # recompile, block after block.
+        return self.loss(batch, self.model(**batch, use_cache=False))
+
+    def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
+        """The loss to minimise from the model's `outputs` on `batch` (default: the model's own mean token
+        cross entropy over labels != -100)."""
+        return outputs.loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout (LoRA, prefix, attention) draws from a generator reseeded per micro-batch and per rank:

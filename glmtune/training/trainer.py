@@ -3,16 +3,19 @@
 Returns its metrics and the paths it wrote, so tests call it directly (STYLE.md, point 9).
 
 What a run leaves in `train.output_dir`:
-    checkpoints/last.ckpt, best.ckpt (lowest val_loss), step-<N>.ckpt   Lightning checkpoints (resume)
+    checkpoints/last.ckpt, best.ckpt (lowest val_loss), step-<N>.ckpt   Lightning checkpoints (resume); each
+                written to a temporary file and renamed, last.ckpt again after every step-<N>.ckpt
     final/      the method's artifact after the last step: adapter (PEFT), pytorch_model.bin (P-Tuning v2)
                 or a model folder (full, freeze); tokenizer files and hyperparameters.yaml beside it
-    best/       the same for best.ckpt, when there is eval data (single device and DDP runs)
+    best/       the same for best.ckpt, when there are eval records (eval_files or eval_ratio; single
+                device and DDP runs)
     logs/       CSV metrics;  tensorboard/  TensorBoard events (when tensorboard is installed)
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +96,15 @@ def check_config(cfg: TaskConfig) -> None:
             f"train.compile is not supported with train.strategy={cfg.train.strategy} (the strategy wraps and "
             "partitions the blocks itself); use strategy auto or ddp, or set train.compile: false"
         )
+    if cfg.train.eval_generate and not cfg.data.eval_files:
+        raise ConfigError(
+            "train.eval_generate answers turns of data.eval_files, and there are none"
+            + (
+                " (data.eval_ratio's split is kept as tokens only); name the eval data in data.eval_files"
+                if cfg.data.eval_ratio
+                else ""
+            )
+        )
     if cfg.train.checkpoint_layers is not None and not cfg.train.gradient_checkpointing:
         raise ConfigError("train.checkpoint_layers needs train.gradient_checkpointing: true")
     if cfg.train.checkpoint_layers is not None and cfg.train.strategy == "fsdp":
@@ -141,16 +153,72 @@ def _stop_point_checkpoint_class():
     return StopPointCheckpoint
 
 
+def _atomic_checkpoint_io_class():
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Writes a checkpoint to a temporary file beside it, then renames it into place.
+
+        A run killed at any moment leaves every `*.ckpt` complete, old or new. Lightning's own save goes through
+        an fsspec transaction whose temporary file lies in the system's temp folder: on another file system
+        the final move is a copy, which a kill can cut short.
+        """
+
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    return AtomicCheckpointIO
+
+
+def _step_budget_progress_bar_class():
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class StepBudgetProgressBar(TQDMProgressBar):
+        """Lightning's bar, whose epoch total under `max_steps` counts micro-batches, not optimizer steps.
+
+        Lightning caps the epoch's total at the optimizer steps left, so with gradient accumulation the bar
+        reads e.g. 24/6.
+        """
+
+        @property
+        def total_train_batches(self) -> int | float:
+            trainer = self.trainer
+            batches = trainer.num_training_batches
+            if trainer.max_steps is None or trainer.max_steps < 0:
+                return batches
+            # Epochs start on an optimizer step, and checkpoints are saved on one: the run stops after the
+            # remaining steps' micro-batches, or at the epoch's end.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            return min(batches, done + left)
+
+    return StepBudgetProgressBar
+
+
 def make_trainer(
-    cfg: TaskConfig, model: torch.nn.Module, callbacks: list | None = None, **overrides: Any
+    cfg: TaskConfig,
+    model: torch.nn.Module,
+    has_eval: bool,
+    callbacks: list | None = None,
+    **overrides: Any,
 ) -> L.Trainer:
+    """The Lightning Trainer for `cfg.train`; `has_eval`: there are eval records to validate on."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     t = cfg.train
     out = Path(t.output_dir)
     ckpt_dir = out / "checkpoints"
-    has_eval = bool(cfg.data.eval_files)
     checkpoints = [
         _stop_point_checkpoint_class()(
             dirpath=ckpt_dir,
@@ -169,6 +237,8 @@ def make_trainer(
                 filename="step-{step}",
                 every_n_train_steps=t.save_every_n_steps,
                 save_top_k=-1,
+                # last.ckpt right after each step-<N>.ckpt: `train.resume last` continues from the newest.
+                save_last=True,
                 auto_insert_metric_name=False,
             )
         )
@@ -186,6 +256,12 @@ def make_trainer(
         evaluation.update(
             val_check_interval=t.eval_every_n_steps * t.accumulate_grad_batches, check_val_every_n_epoch=None
         )
+    sharded = is_deepspeed(t.strategy) or t.strategy == "fsdp"  # these write checkpoints their own way
+    extra_callbacks = (
+        [] if overrides.get("enable_progress_bar") is False else [_step_budget_progress_bar_class()()]
+    )
+    precision = precision_args(cfg)
+    plugins = [*precision.pop("plugins", []), *([] if sharded else [_atomic_checkpoint_io_class()()])]
     kwargs: dict[str, Any] = dict(
         default_root_dir=out,
         max_epochs=t.max_epochs if t.max_steps < 0 else -1,
@@ -197,26 +273,40 @@ def make_trainer(
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None,
         log_every_n_steps=t.log_every_n_steps,
-        callbacks=[*checkpoints, LearningRateMonitor("step"), *(callbacks or [])],
+        callbacks=[*checkpoints, LearningRateMonitor("step"), *extra_callbacks, *(callbacks or [])],
         logger=loggers,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         # The training loader shards itself (ResumableSampler); Lightning must not swap its sampler.
         use_distributed_sampler=False,
+        plugins=plugins or None,
         **evaluation,
-        **precision_args(cfg),
+        **precision,
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint in `folder` written last: last.ckpt, or a step-<N>.ckpt when the run was killed between
+    writing it and last.ckpt (every write is atomic, so each is complete). A folder (DeepSpeed) counts too."""
+    candidates = list(folder.glob("*.ckpt")) if folder.is_dir() else []
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), default=None)
 
 
 def resume_path(cfg: TaskConfig) -> str | None:
     r = cfg.train.resume
     if r in (None, ""):
         return None
-    path = Path(cfg.train.output_dir) / "checkpoints" / "last.ckpt" if r == "last" else resolve_path(r)
+    if r == "last":
+        folder = Path(cfg.train.output_dir) / "checkpoints"
+        path = newest_checkpoint(folder)
+        if path is None:
+            raise ConfigError(f"train.resume: last: no checkpoint in {folder} (train.output_dir)")
+        return str(path)
+    path = resolve_path(r)
     if not path.exists():  # a file, or a folder for DeepSpeed checkpoints
-        raise FileNotFoundError(f"train.resume: checkpoint not found: {path}")
+        raise ConfigError(f"train.resume: checkpoint not found: {path}")
     return str(path)
 
 
@@ -230,19 +320,22 @@ def _data(cfg: TaskConfig):
     if len(train_set) == 0:
         raise ConfigError("data.train_files: no training samples were built (all dropped or empty)")
     eval_set = RecordDataset(records.eval_path) if records.eval_path else None
+    if eval_set is not None and len(eval_set) == 0:
+        source = "data.eval_files" if cfg.data.eval_files else f"data.eval_ratio={cfg.data.eval_ratio}"
+        raise ConfigError(f"{source}: no evaluation samples were built (all dropped, empty, or none drawn)")
     collate = collate_fn(pad_token_id=records.tokenizer.pad_token_id)
     workers = cfg.train.dataloader_workers
     train_loader = ResumableDataLoader(
         train_set,
         batch_size=cfg.train.batch_size,
-        shuffle=True,
+        shuffle=cfg.data.shuffle,
         seed=cfg.train.seed,
         collate_fn=collate,
         num_workers=workers,
     )
     eval_loader = (
         DataLoader(eval_set, batch_size=cfg.train.eval_batch_size, collate_fn=collate, num_workers=workers)
-        if eval_set is not None and len(eval_set)
+        if eval_set is not None
         else None
     )
     return records, train_loader, eval_loader
@@ -250,7 +343,7 @@ def _data(cfg: TaskConfig):
 
 def generation_eval(cfg: TaskConfig, records) -> GenerationEval | None:
     """The `train.eval_generate` callback: the first N turns of the eval files, scored after each evaluation."""
-    if not cfg.train.eval_generate or not cfg.data.eval_files:
+    if not cfg.train.eval_generate:
         return None
     from glmtune.inference import prediction_items
     from glmtune.tokenizers.prompts import get_template
@@ -274,12 +367,13 @@ def train(
     records, train_loader, eval_loader = _data(cfg)
     tokenizer = records.tokenizer
     model = load_for_method(cfg)
-    if hasattr(model, "loss_chunk_size"):
+    if hasattr(model, "loss_chunk_size") and not module_cls.uses_logits:
         # Training needs only the loss: score supervised tokens chunk by chunk, no full fp32 logits.
         model.loss_chunk_size = LOSS_CHUNK_TOKENS
     scorer = generation_eval(cfg, records)
     callbacks = [*(callbacks or []), *([scorer] if scorer else [])]
-    trainer = make_trainer(cfg, model, callbacks=callbacks, **trainer_overrides)
+    has_eval = eval_loader is not None
+    trainer = make_trainer(cfg, model, has_eval, callbacks=callbacks, **trainer_overrides)
 
     epoch_steps = steps_per_epoch(
         len(train_loader.dataset), cfg.train.batch_size, cfg.train.accumulate_grad_batches, trainer.world_size
@@ -330,7 +424,7 @@ def train(
     state = gather_model_state(trainer, module)  # collective: every rank calls it
     if trainer.is_global_zero:
         _save(module, cfg, artifact, tokenizer, metrics, state)
-    best = _export_best(trainer, module, cfg, tokenizer)
+    best = _export_best(trainer, module, cfg, tokenizer) if has_eval else None
     trainer.strategy.barrier()
     return TrainResult(
         artifact_dir=artifact,
@@ -353,8 +447,9 @@ def _save(
 
 
 def _export_best(trainer: L.Trainer, module: CausalLMModule, cfg: TaskConfig, tokenizer: Any) -> Path | None:
-    """The best checkpoint as an artifact too (best/), where the checkpoint is one file holding the weights."""
-    if not cfg.data.eval_files or is_deepspeed(cfg.train.strategy) or cfg.train.strategy == "fsdp":
+    """The best checkpoint (lowest val_loss) as an artifact too (best/), where the checkpoint is one file
+    holding the weights."""
+    if is_deepspeed(cfg.train.strategy) or cfg.train.strategy == "fsdp":
         return None
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best or not Path(best).is_file():

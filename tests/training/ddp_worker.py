@@ -43,8 +43,8 @@ class InfOnOneRank(CausalLMModule):
         self._here = (self.global_rank, batch_idx) == tuple(self.inf_at) and self.current_epoch == 0
         return super().training_step(batch, batch_idx)
 
-    def model_step(self, batch):
-        loss = super().model_step(batch)
+    def loss(self, batch, outputs):
+        loss = super().loss(batch, outputs)
         return loss * float("inf") if self.training and self._here else loss
 
 

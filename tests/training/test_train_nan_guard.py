@@ -19,8 +19,8 @@ class InfAt(CausalLMModule):
         self._batch_key = (self.current_epoch, batch_idx)
         return super().training_step(batch, batch_idx)
 
-    def model_step(self, batch):
-        loss = super().model_step(batch)
+    def loss(self, batch, outputs):
+        loss = super().loss(batch, outputs)
         if self.training and (self.bad is None or self._batch_key in self.bad):
             return loss * float("inf")
         return loss

@@ -7,7 +7,7 @@ import torch
 
 from glmtune.training.trainer import train
 from tests.training.conftest import make_cfg
-from tests.training.training_helpers import LossProbe
+from tests.training.training_helpers import LossProbe, train_script, write_config
 
 
 class WeightsAtEnd(LossProbe):
@@ -56,7 +56,11 @@ def test_resume_mid_epoch_matches_uninterrupted_run(method, tiny_chatglm2, tiny_
         torch.testing.assert_close(second.weights[name], value, atol=1e-6, rtol=0)
 
 
-def test_resume_refuses_missing_checkpoint(tiny_chatglm2, tiny_data, tmp_path):
-    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", "lora", resume="last")
-    with pytest.raises(FileNotFoundError, match="train.resume"):
-        train(cfg)
+def test_resume_without_a_checkpoint_is_an_error_line(tiny_chatglm2, tiny_data, tmp_path, capsys):
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", "lora")
+    config = write_config(cfg, tmp_path / "task.yaml")
+    for resume, named in (("last", tmp_path / "run" / "checkpoints"), ("gone.ckpt", "gone.ckpt")):
+        assert train_script().main(["--config", str(config), "--train.resume", resume]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: train.resume") and str(named) in err[-1], err
+        assert "Traceback" not in "\n".join(err)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -59,3 +63,14 @@ class LossProbe(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.after = self._loss(trainer, module)
+
+
+def write_config(cfg, path: Path) -> Path:
+    """`cfg` as a task YAML, for running the scripts (`--config path`) with it."""
+    path.write_text(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def train_script():
+    """train.py as a module: main(argv) runs what `python train.py ARGV` runs, in this process."""
+    return importlib.import_module("train")
