@@ -216,3 +216,28 @@ def test_editing_a_template_rebuilds_the_records(data_utils, reference_dir, tmp_
     printed = capsys.readouterr().out
     assert "building records in" in printed and "template_rendering" in printed
     assert inspect_rows(printed) != before  # the records follow the edited template
+
+
+@pytest.mark.parametrize("side", ["prompt_head", "prompt_tail"])
+def test_truncated_chatglm3_prompts_keep_their_role_tokens(data_utils, reference_dir, tmp_path, side):
+    """A prompt cut to fit keeps `[gMASK] sop` first and `<|assistant|>` right before the answer."""
+    from glmtune.data.records import open_reader
+    from glmtune.models.loading import load_tokenizer
+
+    long_query = "请详细介绍一下乌龙茶、绿茶和红茶的区别，" * 4
+    line = json.dumps({"prompt": long_query, "completion": "乌龙茶半发酵。"}, ensure_ascii=False).encode()
+    data = write_lines(tmp_path / "train.jsonl", [line])
+    model = reference_dir / "chatglm3-6b-tiny"
+    out = tmp_path / "records"
+    flags = argv(reference_dir, data, out, "--data.max_seq_length", "24", "--data.truncate_side", side)
+    flags[flags.index("--model.path") + 1] = str(model)
+    assert data_utils.main(flags) == 0
+    tokenizer = load_tokenizer(model, family="chatglm3")
+    [gmask, sop, assistant] = tokenizer.convert_tokens_to_ids(["[gMASK]", "sop", "<|assistant|>"])
+    record = open_reader(out / "train")[0]
+    ids, labels = record["input_ids"].tolist(), record["labels"].tolist()
+    assert len(ids) == 24 and ids[:2] == [gmask, sop]
+    first_label = next(i for i, label in enumerate(labels) if label != -100)
+    assert ids[first_label - 1] == assistant and ids.count(assistant) == 1
+    answer = [i for i in labels if i != -100]
+    assert tokenizer.decode(answer[:-1]).strip() == "乌龙茶半发酵。" and answer[-1] == tokenizer.eos_token_id

@@ -93,6 +93,19 @@ def test_truncate_prompt_tail_side():
     assert supervised(out, out_labels) == "answer</s>"
 
 
+@pytest.mark.parametrize("side", ["prompt_head", "prompt_tail"])
+def test_truncate_keeps_the_protected_tail_next_to_the_answer(side):
+    """The last `protected_tail` prompt tokens (ChatGLM3's `<|assistant|>`, here "\nA:") survive on both sides."""
+    ids, labels = sample("0123456789" * 3, "answer")  # <g><s>Q:0123...789\nA:answer</s>
+    s = LengthSettings(max_seq_length=30, protected_head=2, protected_tail=3, truncate_side=side)
+    [(out, out_labels)], outcome = fit_length(ids, labels, s)
+    assert outcome == "truncated" and len(out) == 30
+    kept = 30 - 2 - 3 - 7  # the prompt tokens between head and tail; the answer ("answer" + </s>) is whole
+    body = ("Q:" + "0123456789" * 3)[-kept:] if side == "prompt_head" else ("Q:" + "0123456789" * 3)[:kept]
+    assert decode(out) == "<g><s>" + body + "\nA:answer</s>"
+    assert supervised(out, out_labels) == "answer</s>"
+
+
 def test_truncate_ensure_answer_min_length_keeps_end_token():
     ids, labels = sample("p" * 40, "a" * 40)  # prompt 2 + 45, answer 41
     s = LengthSettings(max_seq_length=30, protected_head=2, ensure_answer_min_length=10)
@@ -184,6 +197,24 @@ def test_packer_fills_sequences_and_restarts_positions():
     assert first["seq_ids"].tolist() == [1] * 6 + [2] * 3 + [3]
     assert first["position_ids"].tolist() == list(range(6)) + list(range(3)) + [0]
     assert first["labels"][[0, 6, 9]].tolist() == [IGNORE] * 3  # no prediction across samples
+
+
+def test_pack_record_masks_the_first_label_of_every_sample():
+    """A sample's first token would be predicted from the previous sample's last token: no loss there, even
+    where the sample itself supervises its first token; every other label is kept as it was."""
+    samples = [
+        ([10, 11, 12], [10, 11, 12]),
+        ([20, 21], [20, 21]),
+        ([30, 31, 32, 33], [IGNORE, 31, IGNORE, 33]),
+    ]
+    record = pack_record(samples)
+    assert record["labels"].tolist() == [IGNORE, 11, 12, IGNORE, 21, IGNORE, 31, IGNORE, 33]
+    assert record["input_ids"].tolist() == [10, 11, 12, 20, 21, 30, 31, 32, 33]
+    packer = Packer(max_seq_length=16)
+    for ids, labels in samples:
+        assert packer.add(ids, labels) == []
+    [flushed] = packer.flush()
+    assert flushed["labels"].tolist() == record["labels"].tolist()
 
 
 def test_packer_bounded_open_sequences():
