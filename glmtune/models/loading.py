@@ -11,6 +11,7 @@ folder a model came from can be overwritten by `save_model` while the model live
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
@@ -21,7 +22,10 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from glmtune.config import ConfigError
 from glmtune.models.packing import accept_packed_batches
+
+logger = logging.getLogger(__name__)
 
 Family = Literal["chatglm", "chatglm2", "chatglm3", "hf"]
 CHATGLM_FAMILIES: tuple[str, ...] = ("chatglm", "chatglm2", "chatglm3")
@@ -268,6 +272,7 @@ def load_model(
     prefix_projection: bool = False,
     ptuning_checkpoint: str | os.PathLike | None = None,
     family: str = "auto",
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a checkpoint folder: our own ChatGLM implementations, or transformers for other models.
 
@@ -293,7 +298,9 @@ def load_model(
             )
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or "auto", trust_remote_code=_allow_remote_code(path, trust_remote_code)
+        )
         model.glmtune_family = "hf"
         accept_packed_batches(model)  # packed batches (seq_ids) keep their samples apart in attention
         return model.to(device) if device is not None else model
@@ -495,8 +502,35 @@ def load_prefix_encoder(model: nn.Module, ptuning_checkpoint: str | os.PathLike)
     encoder.load_state_dict(own)
 
 
-def load_tokenizer(path: str | os.PathLike, family: str = "auto"):
-    """The family's tokenizer for a ChatGLM folder, else transformers' AutoTokenizer."""
+def _allow_remote_code(path: Path, trust_remote_code: bool) -> bool:
+    """Whether transformers may run the folder's own code; refused up front (not deep inside transformers)
+    for a folder whose architecture exists only as shipped code."""
+    raw = read_config(path) if (path / "config.json").is_file() else {}
+    if not trust_remote_code and "auto_map" in raw:
+        from transformers import CONFIG_MAPPING
+
+        if raw.get("model_type") not in CONFIG_MAPPING:
+            raise ConfigError(
+                f"model.path: {path} defines its model type {raw.get('model_type')!r} in its own Python code "
+                "(config.json auto_map), which transformers runs only with model.trust_remote_code: true; "
+                "set it if you trust that code"
+            )
+    if trust_remote_code:
+        logger.warning(
+            "model.trust_remote_code is on: transformers runs the Python code shipped in %s with your "
+            "permissions",
+            path,
+        )
+    return trust_remote_code
+
+
+def load_tokenizer(path: str | os.PathLike, family: str = "auto", trust_remote_code: bool = False):
+    """The family's tokenizer for a ChatGLM folder, else transformers' AutoTokenizer.
+
+    Tokenizers published without a pad token (LLaMA, Pythia / GPT-NeoX, ...) pad with their eos token (or
+    unk): padded positions are masked out of attention and labelled -100, so which id fills them never
+    reaches a loss or an answer, but batching needs one.
+    """
     path = Path(path)
     fam = detect_family(path) if family in (None, "auto") else family
     if fam == "chatglm":
@@ -515,7 +549,15 @@ def load_tokenizer(path: str | os.PathLike, family: str = "auto"):
         raise ValueError(f"family {fam!r}: expected 'auto' or one of {get_args(Family)}")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(path), trust_remote_code=_allow_remote_code(path, trust_remote_code)
+    )
+    if tokenizer.pad_token is None:
+        filler = tokenizer.eos_token or tokenizer.unk_token
+        if filler is None:
+            raise ValueError(f"{path}: the tokenizer has no pad, eos or unk token to pad batches with")
+        tokenizer.pad_token = filler
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------

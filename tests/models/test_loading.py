@@ -579,3 +579,60 @@ def test_other_models_load_through_transformers(tmp_path: Path, kind: str) -> No
     assert next(half.parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="ChatGLM checkpoints only"):
         glmtune.load_model(tmp_path, quantization_bit=8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models that exist only as code shipped in their folder (Baichuan, ...)
+# ---------------------------------------------------------------------------------------------------------
+
+REMOTE_CONFIG = """
+from transformers import LlamaConfig
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "tiny_remote"
+"""
+REMOTE_MODELING = """
+from transformers import LlamaForCausalLM
+
+from .configuration_tiny_remote import TinyRemoteConfig
+
+
+class TinyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = TinyRemoteConfig
+"""
+
+
+def save_remote_code_model(folder: Path) -> torch.nn.Module:
+    """A folder whose architecture transformers knows only from the code beside its weights (as Baichuan ships)."""
+    llama = tiny_hf_model("llama").eval()
+    llama.save_pretrained(folder)
+    save_tiny_tokenizer(folder, "llama")
+    (folder / "configuration_tiny_remote.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_tiny_remote.py").write_text(REMOTE_MODELING)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="tiny_remote",
+        architectures=["TinyRemoteForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+            "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteForCausalLM",
+        },
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    return llama
+
+
+def test_remote_code_runs_only_when_the_config_allows_it(tmp_path: Path, caplog) -> None:
+    from glmtune.config import ConfigError
+
+    llama = save_remote_code_model(tmp_path)
+    with pytest.raises(ConfigError, match="model.trust_remote_code: true"):
+        glmtune.load_model(tmp_path)
+    with caplog.at_level("WARNING"):
+        model = glmtune.load_model(tmp_path, trust_remote_code=True)
+    assert type(model).__name__ == "TinyRemoteForCausalLM"
+    assert "trust_remote_code is on" in caplog.text
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, llama(input_ids=ids).logits)
