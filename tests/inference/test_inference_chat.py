@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from glmtune.config import GenerationArgs
-from glmtune.inference import held_back, terminal_chat
+from glmtune.generation import cut_at_stop
+from glmtune.inference import fit_history, held_back, terminal_chat
 from tests.inference.conftest import run_script
 
 Q1, Q2, Q3 = "山间茶舍几点开门？", "绿茶用多少度的水冲泡？", "「画蛇添足」是什么意思？"
@@ -72,6 +74,33 @@ def test_stop_strings_end_the_answer_and_are_not_shown(base_engine, stream):
     assert answers(output) == [cut]
     assert stop not in output.split("assistant: ", 1)[1]
     assert history == [(Q1, cut)]
+
+
+@pytest.mark.parametrize("stops", [["。", "！"], ["！", "。"], ["", "再见", "很好"]])
+def test_cut_at_stop_cuts_at_the_earliest_stop_string(stops):
+    """Whichever order the stop strings are listed in, the text ends before the first one that occurs."""
+    text = "你好。很好！再见。"
+    first = min(text.find(s) for s in stops if s)
+    assert cut_at_stop(text, stops) == (text[:first], True)
+    assert cut_at_stop(text, ["没有"]) == (text, False) and cut_at_stop(text, []) == (text, False)
+
+
+def test_fit_history_drops_the_oldest_turns_first(base_engine):
+    history = [(f"问题{i}", "回答" * (i + 1)) for i in range(4)]
+    length = {k: len(base_engine.prompt_ids(Q1, history[k:])) for k in range(len(history) + 1)}
+
+    def engine(context_length):
+        generation = GenerationArgs(max_new_tokens=10)
+        return SimpleNamespace(
+            context_length=context_length, generation=generation, prompt_ids=base_engine.prompt_ids
+        )
+
+    assert fit_history(engine(length[2] + 10), Q1, history) == history[2:]  # the newest two turns fit
+    assert fit_history(engine(length[0] + 10), Q1, history) == history  # everything fits: unchanged
+    assert fit_history(engine(None), Q1, history) == history  # unknown context: unchanged
+    assert fit_history(engine(length[4] + 10), Q1, history) == []
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        fit_history(engine(length[4] + 9), Q1, history)
 
 
 def test_held_back_keeps_possible_stop_starts():

@@ -101,3 +101,67 @@ def test_predict_from_the_command_line(script, tiny_model, lora_adapter, tmp_pat
     assert saved["rouge-1"] == pytest.approx(published_scores(predictions, references)["rouge-1"], abs=1e-4)
     exact = sum(p == r for p, r in zip(predictions, references, strict=True))
     assert proc.stdout.strip().splitlines()[-1] == f"exact match: {exact}/2"
+
+
+def test_prediction_items_keep_each_turns_history_and_system(tmp_path):
+    from glmtune.inference import prediction_items
+
+    sharegpt = {
+        "conversations": [
+            {"from": "system", "value": "你是茶舍的店员。"},
+            {"from": "human", "value": "今天有新茶吗？"},
+            {"from": "gpt", "value": "有，明前龙井。"},
+            {"from": "human", "value": "多少钱一壶？"},
+            {"from": "gpt", "value": "四十五元。"},
+        ]
+    }
+    alpaca = [
+        {
+            "instruction": "再来一壶",
+            "output": "好的。",
+            "history": [["你好", "欢迎！"]],
+            "system": "简短回答。",
+        }
+    ]
+    (tmp_path / "chat.jsonl").write_text(json.dumps(sharegpt, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca, ensure_ascii=False), encoding="utf-8")
+
+    items = [{k: v for k, v in i.items() if k != "source"} for i in prediction_items(tmp_path / "chat.jsonl")]
+    assert items == [
+        {
+            "query": "今天有新茶吗？",
+            "history": [],
+            "system": "你是茶舍的店员。",
+            "reference": "有，明前龙井。",
+        },
+        {
+            "query": "多少钱一壶？",
+            "history": [("今天有新茶吗？", "有，明前龙井。")],
+            "system": "你是茶舍的店员。",
+            "reference": "四十五元。",
+        },
+    ]
+    [*_, last] = prediction_items(tmp_path / "alpaca.json")
+    assert (last["query"], last["history"], last["system"]) == (
+        "再来一壶",
+        [("你好", "欢迎！")],
+        "简短回答。",
+    )
+
+
+def test_predict_asks_with_the_history_and_system_of_each_turn(tmp_path):
+    """The engine is asked each turn with its own earlier turns and system prompt (a fake engine records it)."""
+    from glmtune.generation import Completion
+    from glmtune.inference import prediction_items
+
+    file = REPO / "data" / "samples" / "conversations.jsonl"
+    asked = []
+
+    class Recorder:
+        def batch_complete(self, queries, histories, systems):
+            asked.extend(zip(queries, histories, systems, strict=True))
+            return [Completion("", 1, 0, "stop") for _ in queries]
+
+    predict(Recorder(), file, batch_size=2, show=False)
+    expected = [(i["query"], i["history"], i["system"]) for i in prediction_items(file)]
+    assert asked == expected and any(h for _, h, _ in asked) and any(s for _, _, s in asked)
