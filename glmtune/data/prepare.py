@@ -62,12 +62,12 @@ def template_name(cfg: TaskConfig, family: str) -> str:
     return FAMILY_TEMPLATES[family]
 
 
-def make_template(model_path: str, family: str, name: str):
+def make_template(model_path: str, family: str, name: str, trust_remote_code: bool = False):
     """Picklable template factory: each tokenizer worker process loads its own copy."""
     from glmtune.models.loading import load_tokenizer
     from glmtune.tokenizers.prompts import get_template
 
-    return get_template(name, load_tokenizer(model_path, family=family))
+    return get_template(name, load_tokenizer(model_path, family=family, trust_remote_code=trust_remote_code))
 
 
 def tokenizer_fingerprint(model_path: Path) -> str:
@@ -90,7 +90,7 @@ def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = Tr
     family = model_family(cfg)
     name = template_name(cfg, family)
     d = cfg.data
-    factory = functools.partial(make_template, str(model_path), family, name)
+    factory = functools.partial(make_template, str(model_path), family, name, cfg.model.trust_remote_code)
     template = factory()
     if d.multi_turn == "dialogue" and template.dialogue_unsupported:
         raise ConfigError(

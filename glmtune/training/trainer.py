@@ -75,6 +75,7 @@ def load_for_method(cfg: TaskConfig, device: str | None = None) -> torch.nn.Modu
         prefix_projection=cfg.ptv2.prefix_projection if ptv2 else False,
         family=cfg.model.family,
         device=device,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
 
 

@@ -98,3 +98,33 @@ def test_models_without_a_pad_token_go_through_the_scripts(tmp_path: Path, kind:
     assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
     answers = run("infer_lora_finetuning.py", "--predict", "data/dev.json", "--limit", "3")
     assert answers.strip().splitlines()[-1].startswith("exact match: ")
+
+
+@pytest.mark.slow
+def test_remote_code_models_need_the_key_through_the_scripts(tmp_path: Path) -> None:
+    from tests.models.test_loading import save_remote_code_model
+
+    save_remote_code_model(tmp_path / "remote")
+    flags = [
+        "--model.path", str(tmp_path / "remote"), "--model.tiny", "null", "--data.template", "llama2",
+        "--data.output_dir", str(tmp_path / "records"), "--train.output_dir", str(tmp_path / "run"),
+        "--lora.target_modules", "null", "--lora.modules_to_save", "null", "--train.max_steps", "1",
+    ]  # fmt: skip
+
+    def run(script: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, script, *flags, *extra],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    refused = run("train.py")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: model.path: ")
+    assert "model.trust_remote_code: true" in refused.stderr
+    trained = run("train.py", "--model.trust_remote_code", "true")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "trust_remote_code is on" in trained.stderr
+    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
