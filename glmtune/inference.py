@@ -15,8 +15,9 @@ from typing import TextIO
 import torch
 import yaml
 
-from glmtune.config import TaskConfig, resolve_path
+from glmtune.config import ConfigError, TaskConfig, resolve_path
 from glmtune.generation import ChatEngine, History
+from glmtune.training.methods import PEFT_METHODS
 
 COMMANDS_HELP = "commands: 'clear' starts a new conversation, 'exit' quits"
 
@@ -25,12 +26,89 @@ HPARAMS_FILE = "hyperparameters.yaml"
 
 
 def read_run_config(artifact_dir: str | Path) -> dict:
-    path = Path(artifact_dir) / HPARAMS_FILE
+    """The resolved task config a training run wrote beside its artifact (ConfigError if it is no run)."""
+    folder = Path(artifact_dir)
+    if not folder.exists():
+        raise ConfigError(f"{folder}: no such folder (expected a training artifact, e.g. output/run/final)")
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: a file, not a training artifact folder")
+    path = folder / HPARAMS_FILE
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{artifact_dir}: no hyperparameters.yaml (is this a glmtune training output?)"
+        raise ConfigError(f"{folder}: no {HPARAMS_FILE} (is this a glmtune training output?)")
+    try:
+        run = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
+    if not isinstance(run, dict):
+        raise ConfigError(f"{path}: expected the run's config sections, found {type(run).__name__}")
+    return run
+
+
+def run_base_model(run: dict, artifact: Path) -> Path:
+    """The base model folder a run was trained on (its hyperparameters' model.path), which must be here."""
+    source = artifact / HPARAMS_FILE
+    path = (run.get("model") or {}).get("path")
+    if not path:
+        raise ConfigError(f"{source}: no model.path (the base model the run was trained on)")
+    base = resolve_path(path)
+    if not base.is_dir():
+        raise ConfigError(
+            f"{source}: model.path {path} (the base model the run was trained on) is not a folder here"
         )
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    return base
+
+
+def inference_device(cfg: TaskConfig, device: str | None) -> str | None:
+    """`--device` checked against this machine and `model.quantization` (None: load on the CPU).
+
+    bitsandbytes weights exist on CUDA only, so a quantized model goes to "cuda" when no device is given,
+    and combinations that cannot work are refused before any weights are read.
+    """
+    mode = cfg.model.quantization
+    if device is not None:
+        try:
+            parsed = torch.device(device)
+        except RuntimeError:
+            raise ConfigError(f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from None
+        if parsed.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is visible here")
+    if mode == "none":
+        return device
+    from glmtune.training.bnb import require_bitsandbytes
+
+    if cfg.model.quantization_bit:
+        raise ConfigError("model.quantization_bit and model.quantization (bitsandbytes) exclude each other")
+    require_bitsandbytes(f"model.quantization={mode}")
+    if device is not None and torch.device(device).type != "cuda":
+        raise ConfigError(f"model.quantization={mode} runs on CUDA only, not --device {device}")
+    return device or "cuda"
+
+
+def _load_model(path: Path, cfg: TaskConfig, device: str | None, **options) -> torch.nn.Module:
+    """load_model with the config's dtype and quantization: ChatGLM's int8/int4 at load, or bitsandbytes
+    (the same block linears as training quantizes) once the float weights are in."""
+    from glmtune.models.loading import load_model
+
+    mode = cfg.model.quantization
+    if mode == "none":
+        return load_model(
+            path,
+            torch_dtype=cfg.model.dtype,
+            quantization_bit=cfg.model.quantization_bit,
+            device=device,
+            **options,
+        )
+    from glmtune.training.bnb import quantize_bnb
+
+    model = load_model(path, torch_dtype=cfg.model.dtype, **options)
+    compute = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float16
+    family = model.glmtune_family
+    model = quantize_bnb(model, mode, torch.device(device or "cuda"), compute)
+    model.glmtune_family = family
+    return model
 
 
 def _engine(
@@ -43,7 +121,7 @@ def _engine(
     """
     from glmtune.data.prepare import FAMILY_TEMPLATES
     from glmtune.models.loading import load_tokenizer
-    from glmtune.tokenizers.prompts import get_template
+    from glmtune.tokenizers.prompts import TEMPLATES, get_template
 
     family = getattr(model, "glmtune_family", None) or "hf"
     name = cfg.data.template
@@ -51,8 +129,10 @@ def _engine(
         name = (run.get("data") or {}).get("template", "auto")
     if name == "auto":
         if family not in FAMILY_TEMPLATES:
-            raise ValueError("data.template: choose one (llama2, chatml, alpaca) for a non-ChatGLM model")
+            raise ConfigError("data.template: choose one (llama2, chatml, alpaca) for a non-ChatGLM model")
         name = FAMILY_TEMPLATES[family]
+    if name not in TEMPLATES:
+        raise ConfigError(f"data.template: unknown template {name!r}; known: {', '.join(TEMPLATES)}")
     tokenizer = load_tokenizer(tokenizer_path, family=family)
     template = get_template(name, tokenizer)
     model.eval()
@@ -61,17 +141,11 @@ def _engine(
 
 def load_base(cfg: TaskConfig, device: str | None = None) -> ChatEngine:
     """infer.py: the base model as configured (a merged folder's hyperparameters.yaml gives its template)."""
-    from glmtune.models.loading import load_model
     from glmtune.models.tiny import ensure_model
 
+    device = inference_device(cfg, device)
     path = ensure_model(cfg.model.path, cfg.model.tiny)
-    model = load_model(
-        path,
-        torch_dtype=cfg.model.dtype,
-        quantization_bit=cfg.model.quantization_bit,
-        family=cfg.model.family,
-        device=device,
-    )
+    model = _load_model(path, cfg, device, family=cfg.model.family)
     run = read_run_config(path) if (path / HPARAMS_FILE).is_file() else None
     return _engine(model, path, cfg, run)
 
@@ -80,36 +154,49 @@ def default_artifact(cfg: TaskConfig) -> Path:
     return resolve_path(cfg.train.output_dir) / "final"
 
 
+def artifact_folder(cfg: TaskConfig, artifact_dir: str | Path | None) -> Path:
+    """`--checkpoint`, else the run of the config (<train.output_dir>/final), which must exist then."""
+    if artifact_dir:
+        return Path(artifact_dir)
+    default = default_artifact(cfg)
+    if not default.exists():
+        raise ConfigError(
+            f"no --checkpoint given, and {default} (<train.output_dir>/final) does not exist: "
+            "train first (python train.py) or pass --checkpoint DIR"
+        )
+    return default
+
+
 def load_finetuned(
     cfg: TaskConfig, artifact_dir: str | Path | None = None, device: str | None = None
 ) -> ChatEngine:
     """infer_finetuning.py: a `full`/`freeze` model folder, or base + a P-Tuning v2 prefix."""
-    from glmtune.models.loading import load_model
-
-    artifact = Path(artifact_dir) if artifact_dir else default_artifact(cfg)
+    device = inference_device(cfg, device)
+    artifact = artifact_folder(cfg, artifact_dir)
     run = read_run_config(artifact)
     method = run.get("method")
     if method in ("full", "freeze"):
-        model = load_model(
-            artifact, torch_dtype=cfg.model.dtype, quantization_bit=cfg.model.quantization_bit, device=device
-        )
-        return _engine(model, artifact, cfg, run)
+        return _engine(_load_model(artifact, cfg, device), artifact, cfg, run)
     if method == "ptv2":
-        base = resolve_path(run["model"]["path"])
-        model = load_model(
+        if cfg.model.quantization != "none":
+            raise ConfigError(
+                f"{artifact}: a P-Tuning v2 prefix does not run on bitsandbytes weights "
+                f"(model.quantization={cfg.model.quantization}); use model.quantization_bit 4 / 8 instead"
+            )
+        base = run_base_model(run, artifact)
+        model = _load_model(
             base,
-            torch_dtype=cfg.model.dtype,
-            quantization_bit=cfg.model.quantization_bit,
+            cfg,
+            device,
             pre_seq_len=run["ptv2"]["pre_seq_len"],
             prefix_projection=run["ptv2"]["prefix_projection"],
             ptuning_checkpoint=artifact,
             family=run["model"].get("family", "auto"),
-            device=device,
         )
         return _engine(model, base, cfg, run)
-    raise ValueError(
-        f"{artifact} was trained with method {method!r}: use infer_lora_finetuning.py for adapters"
-    )
+    if method in PEFT_METHODS:
+        raise ConfigError(f"{artifact} holds a {method} adapter: use infer_lora_finetuning.py")
+    raise ConfigError(f"{artifact / HPARAMS_FILE}: method {method!r} is not a glmtune tuning method")
 
 
 def load_lora(
@@ -119,22 +206,16 @@ def load_lora(
     from peft import PeftModel
 
     from glmtune.models import quantization
-    from glmtune.models.loading import load_model
 
-    adapter = Path(adapter_dir) if adapter_dir else default_artifact(cfg)
+    device = inference_device(cfg, device)
+    adapter = artifact_folder(cfg, adapter_dir)
     run = read_run_config(adapter)
-    if run.get("method") not in ("lora", "adalora", "ia3"):
-        raise ValueError(
+    if run.get("method") not in PEFT_METHODS:
+        raise ConfigError(
             f"{adapter} holds a {run.get('method')!r} result, not an adapter: use infer_finetuning.py"
         )
-    base = resolve_path(run["model"]["path"])
-    model = load_model(
-        base,
-        torch_dtype=cfg.model.dtype,
-        quantization_bit=cfg.model.quantization_bit,
-        family=run["model"].get("family", "auto"),
-        device=device,
-    )
+    base = run_base_model(run, adapter)
+    model = _load_model(base, cfg, device, family=run["model"].get("family", "auto"))
     family = model.glmtune_family
     quantization.register_with_peft()
     model = PeftModel.from_pretrained(model, str(adapter))
@@ -145,7 +226,7 @@ def load_lora(
 def load_artifact(cfg: TaskConfig, artifact_dir: str | Path, device: str | None = None) -> ChatEngine:
     """Whatever a training run produced: an adapter (load_lora) or a model / prefix (load_finetuned)."""
     method = read_run_config(artifact_dir).get("method")
-    if method in ("lora", "adalora", "ia3"):
+    if method in PEFT_METHODS:
         return load_lora(cfg, artifact_dir, device)
     return load_finetuned(cfg, artifact_dir, device)
 
@@ -269,6 +350,17 @@ def score(results: list[dict]) -> dict:
     return summary
 
 
+def check_predict_paths(file: str | Path, out: str | Path | None = None) -> None:
+    """Refuse a `--predict` file that is not one, or an `--out` that is a folder, before a model loads."""
+    path = resolve_path(file)
+    if not path.exists():
+        raise ConfigError(f"--predict {file}: no such file")
+    if not path.is_file():
+        raise ConfigError(f"--predict {file}: a folder, not a data file")
+    if out is not None and Path(out).is_dir():
+        raise ConfigError(f"--out {out}: a folder; name the file to write the predictions (JSON lines) to")
+
+
 def predict(
     engine: ChatEngine,
     file: str | Path,
@@ -286,11 +378,12 @@ def predict(
     """
     from glmtune import metrics
 
+    check_predict_paths(file, out)
     items = list(prediction_items(resolve_path(file), fmt))
     if limit is not None:
         items = items[:limit]
     if not items:
-        raise ValueError(f"--predict {file}: no dialogue turns to answer")
+        raise ConfigError(f"--predict {file}: no dialogue turns to answer")
     results = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]

@@ -16,12 +16,22 @@ from typing import Any
 import yaml
 from torch import nn
 
+from glmtune.config import ConfigError
 from glmtune.generation import ChatEngine
 from glmtune.inference import HPARAMS_FILE
 
 
-class MergeError(ValueError):
-    """The adapter cannot be merged into this base model as loaded."""
+class MergeError(ConfigError):
+    """The adapter cannot be merged into this base model as loaded, or not into that folder."""
+
+
+def check_merge_target(out: str | os.PathLike) -> None:
+    """OUT must be a new or empty folder: merging never mixes its files with what is there."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"--merge {out}: a file; choose a new folder")
+    if out.exists() and any(out.iterdir()):
+        raise MergeError(f"--merge {out}: folder exists and is not empty; choose a new folder")
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
@@ -72,8 +82,7 @@ def merge_and_save(
     from glmtune.models.loading import save_model
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise MergeError(f"--merge {out}: folder exists and is not empty; choose a new folder")
+    check_merge_target(out)
     merged = merge_adapter(engine.model)
     save_model(merged, out)
     engine.tokenizer.save_pretrained(str(out))

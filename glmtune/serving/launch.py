@@ -9,11 +9,11 @@ from typing import Literal
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from glmtune.config import TaskConfig, build_parser, parse_args, resolve_path
+from glmtune.cli import exits_on_user_error
+from glmtune.config import ConfigError, TaskConfig, build_parser, parse_args, resolve_path
 from glmtune.generation import ChatEngine
 
 ModelKind = Literal["auto", "base", "finetuned", "lora"]
-ADAPTER_METHODS = ("lora", "adalora", "ia3")
 FINETUNED_METHODS = ("full", "freeze", "ptv2")
 API_KEY_ENV = "GLMTUNE_API_KEY"
 
@@ -67,23 +67,25 @@ def api_parser(description: str) -> ArgumentParser:
 
 def detect_model_kind(checkpoint: str | Path | None) -> Literal["base", "finetuned", "lora"]:
     """The loader a checkpoint needs, from the method in its hyperparameters.yaml."""
+    from glmtune.inference import read_run_config
+    from glmtune.training.methods import PEFT_METHODS
+
     if checkpoint is None:
         return "base"
-    from glmtune.inference import read_run_config
 
     path = Path(checkpoint)
     if not (path / "hyperparameters.yaml").is_file() and (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"{path}: a model folder without hyperparameters.yaml (not a training artifact); "
             "serve a complete model folder (e.g. a merged one) with --model.path instead"
         )
     method = read_run_config(path).get("method")
-    if method in ADAPTER_METHODS:
+    if method in PEFT_METHODS:
         return "lora"
     if method in FINETUNED_METHODS:
         return "finetuned"
-    raise ValueError(
-        f"{path / 'hyperparameters.yaml'}: method {method!r} is none of {ADAPTER_METHODS + FINETUNED_METHODS}"
+    raise ConfigError(
+        f"{path / 'hyperparameters.yaml'}: method {method!r} is none of {PEFT_METHODS + FINETUNED_METHODS}"
     )
 
 
@@ -94,7 +96,7 @@ def load_engine(cfg: TaskConfig, kind: ModelKind, checkpoint: str | None, device
         kind = detect_model_kind(checkpoint)
     if kind == "base":
         if checkpoint is not None:
-            raise ValueError(
+            raise ConfigError(
                 "--model_kind base serves --model.path: drop --checkpoint, or pick finetuned/lora"
             )
         return load_base(cfg, device)
@@ -110,6 +112,7 @@ def default_model_name(cfg: TaskConfig, checkpoint: str | None) -> str:
     return f"{name}+{artifact.parent.name if artifact.name == 'final' else artifact.name}"
 
 
+@exits_on_user_error
 def main(description: str, argv: list[str] | None = None) -> int:
     import uvicorn
 

@@ -7,6 +7,7 @@ import yaml
 
 pytest.importorskip("fastapi", reason="serving needs the 'serve' extras")
 
+from glmtune.config import ConfigError  # noqa: E402
 from glmtune.serving.api import DeltaTracker, conversation, sampling  # noqa: E402
 from glmtune.serving.launch import default_model_name, detect_model_kind  # noqa: E402
 from glmtune.serving.limits import RequestError, answer_budget  # noqa: E402
@@ -126,13 +127,13 @@ def test_model_kind_comes_from_the_artifact_method(tmp_path, method, kind):
 
 
 def test_model_kind_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no hyperparameters.yaml"):
+    with pytest.raises(ConfigError, match="no hyperparameters.yaml"):
         detect_model_kind(tmp_path)
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="--model.path"):
+    with pytest.raises(ConfigError, match="--model.path"):
         detect_model_kind(tmp_path)
     (tmp_path / "hyperparameters.yaml").write_text(yaml.safe_dump({"method": "magic"}))
-    with pytest.raises(ValueError, match=r"hyperparameters.yaml: method 'magic'"):
+    with pytest.raises(ConfigError, match=r"hyperparameters.yaml: method 'magic'"):
         detect_model_kind(tmp_path)
 
 
