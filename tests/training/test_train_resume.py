@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from glmtune.config import REPO_ROOT
 from glmtune.training.trainer import train
 from tests.training.conftest import make_cfg
 from tests.training.training_helpers import LossProbe, train_script, write_config
@@ -64,3 +73,56 @@ def test_resume_without_a_checkpoint_is_an_error_line(tiny_chatglm2, tiny_data, 
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: train.resume") and str(named) in err[-1], err
         assert "Traceback" not in "\n".join(err)
+
+
+def _train_until(config: Path, *flags: str, kill_after: Path | None = None) -> str:
+    """`python train.py --config config FLAGS`; killed with SIGKILL as soon as `kill_after` exists. Returns
+    the run's output."""
+    command = [sys.executable, "train.py", "--config", str(config), *flags]
+    with subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        if kill_after is not None:
+            while not kill_after.exists() and process.poll() is None:
+                time.sleep(0.01)
+            process.send_signal(signal.SIGKILL)
+        output, _ = process.communicate(timeout=300)
+    if kill_after is not None:
+        assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{output}"
+    else:
+        assert process.returncode == 0, output
+    return output
+
+
+def _first_logged_step(out: Path, version: int) -> int:
+    """How many optimizer steps were done when the `version`-th start of a run logged its first loss."""
+    rows = csv.DictReader((out / "logs" / f"version_{version}" / "metrics.csv").open())
+    return min(int(r["step"]) for r in rows if r.get("train_loss"))
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_last_ends_as_the_uninterrupted_run(tiny_chatglm2, tiny_data, tmp_path):
+    # 17 micro-batches of 2 per epoch, a checkpoint every 4 steps: killed in epoch 0 (no epoch end yet), then
+    # in epoch 1 between epoch ends; each resume continues from the newest checkpoint. Dropout is on.
+    settings = dict(max_epochs=3, batch_size=2, save_every_n_steps=4, scheduler="cosine", warmup_steps=2)
+    full_cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "full", "lora", **settings)
+    full_cfg.lora.dropout = 0.1
+    _train_until(write_config(full_cfg, tmp_path / "full.yaml"))
+
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "parts", "lora", **settings)
+    cfg.lora.dropout = 0.1
+    config = write_config(cfg, tmp_path / "parts.yaml")
+    checkpoints = tmp_path / "parts" / "checkpoints"
+    _train_until(config, kill_after=checkpoints / "step-8.ckpt")
+    output = _train_until(config, "--train.resume", "last", kill_after=checkpoints / "step-28.ckpt")
+    assert f"Restored all states from the checkpoint at {checkpoints}" in output, output
+    assert _first_logged_step(tmp_path / "parts", version=1) >= 8
+    output = _train_until(config, "--train.resume", "last")
+    assert f"Restored all states from the checkpoint at {checkpoints}" in output, output
+    assert _first_logged_step(tmp_path / "parts", version=2) >= 28  # not from an epoch end: no step redone
+
+    full = load_file(tmp_path / "full" / "final" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "parts" / "final" / "adapter_model.safetensors")
+    assert full.keys() == resumed.keys() and full
+    for name, value in full.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=0)
