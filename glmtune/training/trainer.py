@@ -193,15 +193,12 @@ def _step_budget_progress_bar_class():
 
         @property
         def total_train_batches(self) -> int | float:
+            # Read when an epoch starts (the bar's total), on an optimizer-step boundary.
             trainer = self.trainer
             batches = trainer.num_training_batches
             if trainer.max_steps is None or trainer.max_steps < 0:
                 return batches
-            # Epochs start on an optimizer step, and checkpoints are saved on one: the run stops after the
-            # remaining steps' micro-batches, or at the epoch's end.
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
-            return min(batches, done + left)
+            return min(batches, (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches)
 
     return StepBudgetProgressBar
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -91,3 +92,19 @@ def test_shuffle_false_keeps_record_order(shuffle, tiny_chatglm2, tiny_data, tmp
     assert len(batches.input_ids) == 5
     same = all(torch.equal(a, b) for a, b in zip(batches.input_ids, in_record_order))
     assert same is not shuffle
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def test_progress_bar_counts_micro_batches_under_max_steps(tiny_chatglm2, tiny_data, tmp_path, capsys):
+    # 9 micro-batches per epoch, 2 per step (5 steps, the last one short): 7 steps are epoch 0 and 4
+    # micro-batches of epoch 1.
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", max_steps=7, accumulate_grad_batches=2)
+    cfg.data.eval_files = []
+    train(cfg)
+    shown = capsys.readouterr().out.replace("\r", "\n")
+    bars = re.findall(r"^Epoch (\S+): .*?\| *(\d+)/(\S+) ", shown, flags=re.MULTILINE)
+    totals = {(epoch, total) for epoch, _, total in bars}
+    assert totals == {("0", "9"), ("1", "4")}, sorted(set(bars))
+    assert {("0", "9", "9"), ("1", "4", "4")} <= set(bars)  # each epoch's bar reaches its end
