@@ -67,6 +67,10 @@ PLAIN_FIELDS = ("input_ids", "labels")
 PACKED_FIELDS = ("input_ids", "labels", "position_ids", "seq_ids")
 
 
+class SettingsError(ValueError):
+    """Build settings that cannot work together (the message names them)."""
+
+
 @runtime_checkable
 class Template(Protocol):
     """What the data pipeline needs from a chat prompt builder (glmtune/tokenizers/prompts.py).
@@ -81,7 +85,9 @@ class Template(Protocol):
       before the first query, separated by a newline.
     - `name: str` (or `fingerprint`): identifies the prompt format in the records' cache key.
     - `protected_head` / `protected_tail: int`: how many tokens at the start / end of the prompt truncation and
-      sliding windows must keep (e.g. 2 for ChatGLM2's `[gMASK] sop` prefix). Default 0.
+      sliding windows must keep (e.g. 2 for ChatGLM2's `[gMASK] sop` prefix). Default 0. The tokens every
+      prompt ends with (its answer header: `答：`, `[/INST]`, `<|assistant|>`...) are found by
+      `answer_header_length` and kept too.
     """
 
     def build_train_sample(
@@ -170,6 +176,27 @@ def template_fingerprint(template: Template, multi_turn: MultiTurn) -> str:
     return hashlib.sha256(json.dumps(rendered).encode()).hexdigest()[:16]
 
 
+# Queries ending in different characters: what their prompts have in common at the end is the template's.
+HEADER_PROBES = ("你好", "hello", "1 + 1 = ?")
+
+
+def answer_header_length(template: Template) -> int:
+    """How many tokens the template puts after every query, before the answer (ChatGLM2's `\n\n答：`,
+    LLaMA-2's `[/INST]`, ChatGLM3's `<|assistant|>`, ChatGLM-6B's `答：[gMASK]`): the common end of the prompts
+    of queries that end differently. Cutting the prompt's tail must keep them, or training shows the model
+    prompts that chat() never builds."""
+    prompts = []
+    for query in HEADER_PROBES:
+        [(ids, labels)] = build_samples(
+            Dialogue(turns=[(query, "好的。")], source="<template probe>"), template
+        )
+        prompts.append(list(ids[: supervised_spans(labels)[-1][0]]))
+    n = 0
+    while all(len(p) > n for p in prompts) and len({p[-1 - n] for p in prompts}) == 1:
+        n += 1
+    return n
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Fitting samples to max_seq_length
 
@@ -209,7 +236,10 @@ class LengthSettings:
         if self.truncate_side not in ("prompt_head", "prompt_tail"):
             problems.append(f"truncate_side must be prompt_head or prompt_tail, not {self.truncate_side!r}")
         if self.max_seq_length < self.protected_head + self.protected_tail + 1:
-            problems.append(f"max_seq_length={self.max_seq_length} leaves no room for an answer")
+            problems.append(
+                f"max_seq_length={self.max_seq_length} leaves no room for an answer: the template's prompts "
+                f"keep their first {self.protected_head} and last {self.protected_tail} tokens"
+            )
         if self.max_target_length is not None and self.max_target_length < 1:
             problems.append(f"max_target_length must be >= 1, not {self.max_target_length}")
         if self.ensure_answer_min_length is not None and self.ensure_answer_min_length < 1:
@@ -219,7 +249,7 @@ class LengthSettings:
                 f"stride must be in [1, {self.window}] (max_seq_length - protected_head), not {self.stride}"
             )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise SettingsError("; ".join(problems))
 
     @property
     def window(self) -> int:
@@ -796,7 +826,7 @@ def build_records(
         problems.append("no data files given")
     problems += [f"data file not found: {f}" for f in train_files + eval_paths if not f.is_file()]
     if problems:
-        raise ValueError("build_records: " + "; ".join(problems))
+        raise SettingsError("build_records: " + "; ".join(problems))
 
     if template_factory is not None:
         template = template_factory()
@@ -818,7 +848,7 @@ def build_records(
         ensure_answer_min_length=ensure_answer_min_length,
         truncate_side=truncate_side,
         protected_head=int(getattr(template, "protected_head", 0) or 0),
-        protected_tail=int(getattr(template, "protected_tail", 0) or 0),
+        protected_tail=max(int(getattr(template, "protected_tail", 0) or 0), answer_header_length(template)),
     )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glmtune.config import ConfigError, TaskConfig, check_data_files, resolve_path
-from glmtune.data.build import BuildReport, build_records
+from glmtune.data.build import BuildReport, SettingsError, build_records
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -97,28 +97,31 @@ def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = Tr
             f"data.multi_turn: dialogue is not possible with template {name!r}: "
             f"{template.dialogue_unsupported}"
         )
-    report = build_records(
-        [str(f) for f in train_files],
-        out_dir=d.output_dir,
-        template_factory=factory,
-        tokenizer_fingerprint=f"{name}:{tokenizer_fingerprint(model_path)}",
-        format=d.format,
-        max_seq_length=d.max_seq_length,
-        max_target_length=d.max_target_length,
-        strategy=d.strategy,
-        stride=d.stride,
-        ensure_answer_min_length=d.ensure_answer_min_length,
-        truncate_side=d.truncate_side,
-        multi_turn=d.multi_turn,
-        packing=d.packing,
-        backend=d.backend,
-        num_workers=d.num_workers,
-        shuffle=d.shuffle,
-        seed=d.seed,
-        on_error=d.on_error,
-        eval_files=[str(f) for f in eval_files] or None,
-        eval_ratio=d.eval_ratio,
-        force=force,
-        progress=progress,
-    )
+    try:
+        report = build_records(
+            [str(f) for f in train_files],
+            out_dir=d.output_dir,
+            template_factory=factory,
+            tokenizer_fingerprint=f"{name}:{tokenizer_fingerprint(model_path)}",
+            format=d.format,
+            max_seq_length=d.max_seq_length,
+            max_target_length=d.max_target_length,
+            strategy=d.strategy,
+            stride=d.stride,
+            ensure_answer_min_length=d.ensure_answer_min_length,
+            truncate_side=d.truncate_side,
+            multi_turn=d.multi_turn,
+            packing=d.packing,
+            backend=d.backend,
+            num_workers=d.num_workers,
+            shuffle=d.shuffle,
+            seed=d.seed,
+            on_error=d.on_error,
+            eval_files=[str(f) for f in eval_files] or None,
+            eval_ratio=d.eval_ratio,
+            force=force,
+            progress=progress,
+        )
+    except SettingsError as err:  # the data.* keys of the same names
+        raise ConfigError(f"data: {err}") from err
     return PreparedData(tokenizer=template.tokenizer, template_name=name, report=report)

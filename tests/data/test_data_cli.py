@@ -120,11 +120,19 @@ def test_an_empty_eval_file_is_named_too(data_utils, reference_dir, tmp_path, ca
 def test_a_file_whose_every_sample_is_dropped_is_an_error(data_utils, reference_dir, tmp_path, capsys):
     data = write_lines(tmp_path / "train.jsonl", [GOOD, GOOD])
     flags = argv(
-        reference_dir, data, tmp_path / "records", "--data.strategy", "drop", "--data.max_seq_length", "4"
+        reference_dir, data, tmp_path / "records", "--data.strategy", "drop", "--data.max_seq_length", "8"
     )
     assert data_utils.main(flags) == 1
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.startswith("error: ") and str(data) in error and "2 samples dropped" in error
+
+
+def test_a_max_seq_length_with_no_room_for_an_answer_is_an_error(data_utils, reference_dir, tmp_path, capsys):
+    """ChatGLM2 prompts keep `[gMASK] sop` and their answer header `\n\n答：`: 6 tokens."""
+    data = write_lines(tmp_path / "train.jsonl", [GOOD])
+    assert data_utils.main(argv(reference_dir, data, tmp_path / "records", "--data.max_seq_length", "6")) == 1
+    [error] = capsys.readouterr().err.splitlines()
+    assert error.startswith("error: data: max_seq_length=6 leaves no room for an answer")
 
 
 # ------------------------------------------------------------------------------------------------ --inspect
@@ -241,3 +249,41 @@ def test_truncated_chatglm3_prompts_keep_their_role_tokens(data_utils, reference
     assert ids[first_label - 1] == assistant and ids.count(assistant) == 1
     answer = [i for i in labels if i != -100]
     assert tokenizer.decode(answer[:-1]).strip() == "乌龙茶半发酵。" and answer[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize(
+    "template, header",
+    [
+        ("chatglm2", "\n\n答："),
+        ("llama2", "[/INST]"),
+        ("chatml", "<|im_start|>assistant\n"),
+        ("alpaca", "### Response:\n"),
+    ],
+)
+def test_prompt_tail_truncation_keeps_the_answer_header(
+    data_utils, reference_dir, tmp_path, template, header
+):
+    """Cutting the end of a long prompt still leaves the text every prompt ends with before the answer."""
+    from glmtune.data.records import open_reader
+    from glmtune.models.loading import load_tokenizer
+
+    line = json.dumps(
+        {"prompt": "请详细介绍一下乌龙茶、绿茶和红茶的区别，" * 6, "completion": "好的。"}, ensure_ascii=False
+    )
+    data = write_lines(tmp_path / "train.jsonl", [line.encode()])
+    out = tmp_path / "records"
+    flags = [
+        "--data.max_seq_length",
+        "48",
+        "--data.truncate_side",
+        "prompt_tail",
+        "--data.template",
+        template,
+    ]
+    assert data_utils.main(argv(reference_dir, data, out, *flags)) == 0
+    record = open_reader(out / "train")[0]
+    ids, labels = record["input_ids"].tolist(), record["labels"].tolist()
+    first_label = next(i for i, label in enumerate(labels) if label != -100)
+    tokenizer = load_tokenizer(reference_dir / "chatglm2-6b-tiny", family="chatglm2")
+    assert len(ids) == 48 and tokenizer.decode(ids[:first_label]).endswith(header)
+    assert "请详细介绍" in tokenizer.decode(ids[:first_label])  # the prompt's start was kept

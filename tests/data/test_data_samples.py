@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from glmtune.data.build import (
     LengthSettings,
     Packer,
+    answer_header_length,
     build_samples,
     fit_length,
     pack_record,
@@ -104,6 +105,11 @@ def test_truncate_keeps_the_protected_tail_next_to_the_answer(side):
     body = ("Q:" + "0123456789" * 3)[-kept:] if side == "prompt_head" else ("Q:" + "0123456789" * 3)[:kept]
     assert decode(out) == "<g><s>" + body + "\nA:answer</s>"
     assert supervised(out, out_labels) == "answer</s>"
+
+
+def test_answer_header_is_what_every_prompt_ends_with():
+    assert answer_header_length(CharTemplate()) == len("\nA:")
+    assert answer_header_length(SystemCharTemplate()) == len("\nA:")
 
 
 def test_truncate_ensure_answer_min_length_keeps_end_token():
