@@ -181,20 +181,22 @@ HEADER_PROBES = ("你好", "hello", "1 + 1 = ?")
 
 
 def answer_header_length(template: Template) -> int:
-    """How many tokens the template puts after every query, before the answer (ChatGLM2's `\n\n答：`,
-    LLaMA-2's `[/INST]`, ChatGLM3's `<|assistant|>`, ChatGLM-6B's `答：[gMASK]`): the common end of the prompts
-    of queries that end differently. Cutting the prompt's tail must keep them, or training shows the model
-    prompts that chat() never builds."""
-    prompts = []
-    for query in HEADER_PROBES:
-        [(ids, labels)] = build_samples(
-            Dialogue(turns=[(query, "好的。")], source="<template probe>"), template
-        )
-        prompts.append(list(ids[: supervised_spans(labels)[-1][0]]))
-    n = 0
-    while all(len(p) > n for p in prompts) and len({p[-1 - n] for p in prompts}) == 1:
-        n += 1
-    return n
+    """How many tokens the template puts after every query, before the answer (ChatGLM2's `\\n\\n答：`,
+    LLaMA-2's `[/INST]`, ChatGLM3's `<|assistant|>`, ChatGLM-6B's `[gMASK]`, after `答：` once there is
+    history): the common end of the prompts of queries that end differently, without and with history.
+    Cutting the prompt's tail must keep them, or training shows the model prompts that chat() never builds."""
+    longest = 0
+    for history in ([], [("你好", "好的。")]):
+        prompts = []
+        for query in HEADER_PROBES:
+            dialogue = Dialogue(turns=[*history, (query, "好的。")], source="<template probe>")
+            ids, labels = build_samples(dialogue, template)[-1]
+            prompts.append(ids[: supervised_spans(labels)[-1][0]])
+        n = 0
+        while all(len(p) > n for p in prompts) and len({p[-1 - n] for p in prompts}) == 1:
+            n += 1
+        longest = max(longest, n)
+    return longest
 
 
 # ----------------------------------------------------------------------------------------------------------

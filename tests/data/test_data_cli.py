@@ -287,3 +287,31 @@ def test_prompt_tail_truncation_keeps_the_answer_header(
     tokenizer = load_tokenizer(reference_dir / "chatglm2-6b-tiny", family="chatglm2")
     assert len(ids) == 48 and tokenizer.decode(ids[:first_label]).endswith(header)
     assert "请详细介绍" in tokenizer.decode(ids[:first_label])  # the prompt's start was kept
+
+
+def test_chatglm_6b_prompt_tail_truncation_keeps_the_answer_header_after_history(
+    data_utils, reference_dir, tmp_path
+):
+    from glmtune.data.records import open_reader
+    from glmtune.models.loading import load_tokenizer
+
+    turns = [
+        {"q": "你好", "a": "你好！"},
+        {"q": "请详细介绍一下乌龙茶、绿茶和红茶的区别，" * 6, "a": "好的。"},
+    ]
+    data = write_lines(
+        tmp_path / "train.jsonl", [json.dumps({"paragraph": turns}, ensure_ascii=False).encode()]
+    )
+    model = reference_dir / "chatglm-6b-tiny"
+    out = tmp_path / "records"
+    flags = argv(
+        reference_dir, data, out, "--data.max_seq_length", "48", "--data.truncate_side", "prompt_tail"
+    )
+    flags[flags.index("--model.path") + 1] = str(model)
+    assert data_utils.main([*flags, "--data.shuffle", "false"]) == 0
+    ids, labels = (open_reader(out / "train")[1][key].tolist() for key in ("input_ids", "labels"))
+    first_label = next(i for i, label in enumerate(labels) if label != -100)
+    prompt = load_tokenizer(model, family="chatglm").decode(ids[:first_label])
+    assert (
+        len(ids) == 48 and prompt.startswith("[Round 0]") and re.search(r"\n答[:：]\[gMASK\]$", prompt)
+    )  # its tokenizer writes "：" as ":"
