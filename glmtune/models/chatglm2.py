@@ -23,7 +23,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from glmtune.models.lean_ops import rms_norm, swiglu
 from glmtune.models.losses import chunked_causal_lm_loss
-from glmtune.models.packing import block_causal_mask, positions_in_samples, refuse_cache
+from glmtune.models.packing import (
+    PackedSpans,
+    block_causal_mask,
+    flash_varlen_available,
+    positions_in_samples,
+    refuse_cache,
+)
 
 
 class ChatGLM2Config(PretrainedConfig):
@@ -173,7 +179,7 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | PackedSpans | None,
         rotary_pos_emb: torch.Tensor,
         prefix_key: torch.Tensor | None = None,
         prefix_value: torch.Tensor | None = None,
@@ -196,6 +202,13 @@ class SelfAttention(nn.Module):
 
         query = apply_rotary_pos_emb(query, rotary_pos_emb)
         key = apply_rotary_pos_emb(key, rotary_pos_emb)
+        if isinstance(attention_mask, PackedSpans):
+            # A packed batch on CUDA: FlashAttention's varlen kernel in half precision, else the block mask.
+            if query.dtype in (torch.float16, torch.bfloat16):
+                dropout = self.attention_dropout if self.training else 0.0
+                context = attention_mask.attend(query, key, value, dropout)
+                return self.dense(context.transpose(1, 2).reshape(batch, seq_len, self.projection_size))
+            attention_mask = block_causal_mask(attention_mask.seq_ids)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         if prefix_key is not None:
@@ -265,7 +278,7 @@ class GLMBlock(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | PackedSpans | None,
         rotary_pos_emb: torch.Tensor,
         prefix_key: torch.Tensor | None = None,
         prefix_value: torch.Tensor | None = None,
@@ -305,7 +318,7 @@ class GLMTransformer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | PackedSpans | None,
         rotary_pos_emb: torch.Tensor,
         prefix_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         cache: Cache | None = None,
@@ -474,9 +487,12 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         mask = mask | ~mask.any(dim=-1, keepdim=True)
         return mask.unsqueeze(1)
 
-    def get_packed_masks(self, seq_ids: torch.Tensor) -> torch.Tensor:
+    def get_packed_masks(self, seq_ids: torch.Tensor) -> torch.Tensor | PackedSpans:
         """Boolean [b, 1, s, prefix + s] mask (True = attend) of a packed batch: block-diagonal causal over the
-        tokens (no attention across samples), and every token sees the whole P-Tuning v2 prefix."""
+        tokens (no attention across samples), and every token sees the whole P-Tuning v2 prefix. On CUDA with
+        flash_attn installed and no prefix: the samples' spans for the varlen kernel instead (no [s, s] mask)."""
+        if not self.pre_seq_len and flash_varlen_available(seq_ids.device):
+            return PackedSpans.of(seq_ids)
         mask = block_causal_mask(seq_ids)
         if self.pre_seq_len:
             mask = F.pad(mask, (self.pre_seq_len, 0), value=True)

@@ -14,7 +14,9 @@ A packed batch is a whole sequence for a loss: it never continues from, or write
 
 from __future__ import annotations
 
+import importlib.util
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,6 +58,53 @@ def cu_seqlens(seq_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=seq_ids.device)
     cu[1:] = lengths.cumsum(0)
     return cu, int(lengths.max()) if len(lengths) else 0
+
+
+@dataclass(frozen=True)
+class PackedSpans:
+    """A packed batch as FlashAttention's varlen kernel takes it (CUDA, half precision): the real tokens
+    gathered row by row and each sample's span among them. No [s, s] mask is built per row."""
+
+    seq_ids: torch.Tensor  # [b, s], kept for the mask fallback
+    indices: torch.Tensor  # [n] positions of the real tokens in the flattened [b * s]
+    cu_seqlens: torch.Tensor  # [samples + 1] int32
+    max_seqlen: int
+
+    @classmethod
+    def of(cls, seq_ids: torch.Tensor) -> PackedSpans:
+        cu, longest = cu_seqlens(seq_ids)
+        return cls(seq_ids, torch.nonzero(seq_ids.flatten() != 0).flatten(), cu, longest)
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float
+    ) -> torch.Tensor:
+        """Causal attention inside each sample. query [b, heads, s, d]; key, value [b, kv_heads, s, d] (the
+        kernel reads grouped key/value heads in place). Returns [b, heads, s, d], zeros at padding."""
+        from flash_attn import flash_attn_varlen_func
+
+        b, heads, s, d = query.shape
+
+        def gather(x: torch.Tensor) -> torch.Tensor:  # [b, h, s, d] -> [n, h, d]
+            return x.transpose(1, 2).reshape(b * s, x.shape[1], d)[self.indices]
+
+        out = flash_attn_varlen_func(
+            gather(query),
+            gather(key),
+            gather(value),
+            self.cu_seqlens,
+            self.cu_seqlens,
+            self.max_seqlen,
+            self.max_seqlen,
+            dropout_p=dropout_p,
+            causal=True,
+        )
+        full = out.new_zeros(b * s, heads, d).index_copy(0, self.indices, out)
+        return full.view(b, s, heads, d).transpose(1, 2)
+
+
+def flash_varlen_available(device: torch.device) -> bool:
+    """Whether FlashAttention's varlen kernel can run packed attention on `device` (CUDA, flash_attn installed)."""
+    return device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
 
 
 def sample_starts(seq_ids: torch.Tensor) -> torch.Tensor:

@@ -195,3 +195,60 @@ def test_cu_seqlens_counts_samples_row_by_row():
     seq_ids = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 2, 2, 2, 3, 3]])
     cu, longest = cu_seqlens(seq_ids)
     assert cu.tolist() == [0, 3, 5, 6, 9, 11] and longest == 3
+
+
+# ---- FlashAttention's varlen kernel (CUDA) ----------------------------------------------------------------
+
+
+def sdpa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, causal=False):
+    """flash_attn_varlen_func's contract, written with SDPA: [n, heads, d] tokens, causal within each span."""
+    assert causal and dropout_p == 0.0 and torch.equal(cu_q, cu_k)
+    spans = zip(cu_q[:-1].tolist(), cu_q[1:].tolist())
+    outs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, enable_gqa=True
+        ).transpose(0, 1)
+        for a, b in spans
+    ]
+    return torch.cat(outs)
+
+
+def chatglm2_packed_logits(
+    folder: Path, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    model = load_model(folder, torch_dtype=dtype, device=device)
+    packed, _, _ = packed_and_alone(chatglm_samples(folder), model.config.pad_token_id)
+    packed = {k: v.to(device) for k, v in packed.items()}
+    with torch.no_grad():
+        logits = model(**packed, use_cache=False).logits.float()
+    return logits, packed["seq_ids"] != 0
+
+
+def test_chatglm2_varlen_path_equals_the_mask(reference: Path, monkeypatch: pytest.MonkeyPatch):
+    """The spans handed to the varlen kernel select the same attention as the block mask (CPU, bf16, the kernel
+    replaced by its contract written with SDPA)."""
+    import sys
+    import types
+
+    import glmtune.models.chatglm2 as chatglm2
+
+    folder = reference / "chatglm2-6b-tiny"
+    with_mask, real = chatglm2_packed_logits(folder, "cpu", torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=sdpa_varlen))
+    monkeypatch.setattr(chatglm2, "flash_varlen_available", lambda device: True)
+    with_spans, _ = chatglm2_packed_logits(folder, "cpu", torch.bfloat16)
+    diff = (with_spans - with_mask)[real].abs().max().item()
+    assert diff < 0.05 * with_mask[real].abs().max().item(), diff
+
+
+@pytest.mark.gpu
+def test_chatglm2_flash_varlen_on_cuda_equals_the_mask(reference: Path, monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("flash_attn")
+    import glmtune.models.chatglm2 as chatglm2
+
+    folder = reference / "chatglm2-6b-tiny"
+    with_spans, real = chatglm2_packed_logits(folder, "cuda", torch.bfloat16)
+    monkeypatch.setattr(chatglm2, "flash_varlen_available", lambda device: False)
+    with_mask, _ = chatglm2_packed_logits(folder, "cuda", torch.bfloat16)
+    diff = (with_spans - with_mask)[real].abs().max().item()
+    assert diff < 0.05 * with_mask[real].abs().max().item(), diff
