@@ -413,4 +413,5 @@ def test_cuda(ref: Reference, dtype: torch.dtype) -> None:
     train = {k: v.cuda() for k, v in ref.golden["train"].items() if k in ("input_ids", "labels")}
     loss = ptv2(**train).loss
     loss.backward()
-    assert torch.isfinite(loss) and ptv2.transformer.prefix_encoder.embedding.weight.grad is not None
+    grad = ptv2.transformer.prefix_encoder.embedding.weight.grad
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad.abs().sum() > 0

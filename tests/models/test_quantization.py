@@ -493,9 +493,16 @@ def test_cuda_matches_cpu(v2_state_dict, bits):
     linear.weight.data.copy_(weight)
     layer = QuantizedLinear.from_linear(linear, bits)
     x = torch.randn(8, weight.shape[1])
+    x_cpu = x.clone().requires_grad_(True)
+    y_cpu = layer(x_cpu)
+    y_cpu.pow(2).sum().backward()
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         x_gpu = x.to("cuda", dtype).requires_grad_(True)
         y = layer.cuda()(x_gpu)
         y.float().pow(2).sum().backward()
-        assert y.dtype == dtype and x_gpu.grad is not None
-        torch.testing.assert_close(y.float().cpu(), layer.cpu()(x), rtol=0.02, atol=0.02)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float().cpu(), y_cpu.detach(), rtol=0.02, atol=0.02)
+        # The input gradient goes through the same dequantized weights as on the CPU.
+        scale = float(x_cpu.grad.abs().max())
+        torch.testing.assert_close(x_gpu.grad.float().cpu(), x_cpu.grad, rtol=0.05, atol=0.02 * scale)
+        layer.cpu()

@@ -22,11 +22,21 @@ from tests.training.training_helpers import LossProbe  # noqa: E402
 
 
 class FinalWeights(LossProbe):
+    """Saves the trained weights as they were before the first step and after the last."""
+
+    @staticmethod
+    def trained(module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    def on_train_start(self, trainer, module) -> None:
+        super().on_train_start(trainer, module)
+        self.initial = self.trained(module)
+
     def on_train_end(self, trainer, module) -> None:
-        weights = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
         out = Path(trainer.default_root_dir) / f"weights-rank{trainer.global_rank}.pt"
         state = {
-            "weights": weights,
+            "initial": self.initial,
+            "weights": self.trained(module),
             "world_size": trainer.world_size,
             "step": trainer.global_step,
             "skipped": module.bad_steps_total,

@@ -16,11 +16,12 @@ from torch.utils.data import Dataset
 def dataset_loss(model: nn.Module, dataset: Dataset, collate, batch_size: int) -> float:
     """Mean of per-batch losses weighted by batch size: what Lightning logs as val_loss."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = collate(items)
+            batch = {k: v.to(device) for k, v in collate(items).items()}
             labels = batch.pop("labels")
             # The loss from the logits: PEFT's AdaLoRA adds its regulariser to (or, loaded for inference,
             # fails on) a loss computed inside the model.
