@@ -103,6 +103,22 @@ def load_engine(cfg: TaskConfig, kind: ModelKind, checkpoint: str | None, device
     return (load_finetuned if kind == "finetuned" else load_lora)(cfg, checkpoint, device)
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the server could not listen on, before any time goes into loading the model."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, OverflowError) as err:
+        raise ConfigError(f"--host {host} --port {port}: not an address to listen on ({err})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ConfigError(f"--host {host} --port {port}: cannot listen there ({err.strerror})") from None
+
+
 def default_model_name(cfg: TaskConfig, checkpoint: str | None) -> str:
     name = resolve_path(cfg.model.path).name
     if checkpoint is None:
@@ -119,6 +135,11 @@ def main(description: str, argv: list[str] | None = None) -> int:
     from glmtune.serving.api import create_app
 
     cfg, ns = parse_args(api_parser(description), argv)
+    check_address(ns.host, ns.port)
+    if ns.ui:
+        from glmtune.serving.web import gradio_module
+
+        gradio_module()
     engine = load_engine(cfg, ns.model_kind, ns.checkpoint, ns.device)
     api_key = ns.api_key or os.environ.get(API_KEY_ENV) or None
     name = ns.model_name or default_model_name(cfg, ns.checkpoint)

@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from glmtune.config import ConfigError
 from glmtune.generation import ChatEngine
 from glmtune.serving.limits import RequestError, answer_budget
 
@@ -42,17 +43,18 @@ def history_pairs(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]
     return pairs
 
 
-def _gradio():
+def gradio_module():
+    """gradio, or a ConfigError saying how to install it (the web chat is an optional extra)."""
     try:
         import gradio
     except ImportError as err:
-        raise ImportError("the web chat (--ui) needs gradio: pip install -e '.[serve]'") from err
+        raise ConfigError(f"the web chat (--ui) needs gradio: pip install -e '.[serve]' ({err})") from None
     return gradio
 
 
 def build_chat_ui(engine: ChatEngine, title: str = "glmtune chat"):
     """A `gr.ChatInterface` whose answers stream token by token."""
-    gr = _gradio()
+    gr = gradio_module()
 
     def respond(message: str, history: list[dict]) -> Iterator[str]:
         pairs = history_pairs(history)
@@ -77,7 +79,7 @@ def mount_chat_ui(
     app, engine: ChatEngine, path: str, *, title: str = "glmtune chat", password: str | None = None
 ):
     """Serve the web chat under `path` of a FastAPI app; with `password`, behind Gradio's login (any user name)."""
-    gr = _gradio()
+    gr = gradio_module()
 
     def login(username: str, given: str) -> bool:
         return secrets.compare_digest(given.encode(), (password or "").encode())

@@ -7,6 +7,7 @@ reaches the terminal.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -143,6 +144,25 @@ def test_user_mistake_is_one_error_line(script, flags, expected, paths, capsys):
 def test_cuda_device_without_cuda_is_refused(paths, capsys):
     assert script_main("infer.py")(["--device", "cuda"]) == 1
     assert "--device cuda: no CUDA device is visible here" in only_error_line(capsys.readouterr().err)
+
+
+def test_api_port_in_use_is_refused_before_loading(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert script_main("infer_api.py")(["--port", port, "--model.path", "no/such/model"]) == 1
+    assert f"--port {port}: cannot listen there" in only_error_line(capsys.readouterr().err)
+
+
+def test_api_web_chat_without_gradio_is_refused(monkeypatch, capsys):
+    main = script_main("infer_api.py")
+    monkeypatch.setitem(sys.modules, "gradio", None)  # what a missing package looks like to `import`
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    assert main(["--ui", "--port", port, "--model.path", "no/such/model"]) == 1
+    assert "the web chat (--ui) needs gradio" in only_error_line(capsys.readouterr().err)
 
 
 def run(script: str, *flags: str) -> subprocess.CompletedProcess:
