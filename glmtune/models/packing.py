@@ -15,7 +15,6 @@ A packed batch is a whole sequence for a loss: it never continues from, or write
 from __future__ import annotations
 
 import importlib.util
-import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,31 +129,41 @@ def refuse_cache(seq_ids: torch.Tensor | None, cache: object | None, use_cache: 
         )
 
 
-def _forward_with_seq_ids(self: nn.Module, *args: Any, seq_ids: torch.Tensor | None = None, **kwargs: Any):
-    """The model's own forward, taking `seq_ids` as a block-diagonal causal 4D attention mask (transformers
-    uses a 4D mask as given). The records' position_ids, restarting at 0 in each sample, pass through."""
-    forward = type(self).forward
-    if seq_ids is None:
-        return forward(self, *args, **kwargs)
-    refuse_cache(seq_ids, kwargs.get("past_key_values"), kwargs.get("use_cache"))
-    implementation = getattr(self.config, "_attn_implementation", None) or "eager"
-    if "flash" in implementation:
-        raise ValueError(
-            f"packed batches (data.packing) take a 4D attention mask, which attn_implementation "
-            f"{implementation!r} cannot apply; load the model with sdpa or eager attention"
-        )
-    # eager attention adds the mask to the scores; the other kernels take True = attend
-    dtype = self.dtype if implementation == "eager" else None
-    kwargs["attention_mask"] = block_causal_mask(seq_ids.to(self.device), dtype=dtype)
-    kwargs["use_cache"] = False
-    return forward(self, *args, **kwargs)
+class PackedForward:
+    """A transformers model's own forward, also taking `seq_ids`: turned into a block-diagonal causal 4D
+    attention mask (transformers uses a 4D mask as given). The records' position_ids, restarting at 0 in each
+    sample, pass through. Set as the model instance's `forward`; copies and pickles rebind to the copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __reduce__(self) -> tuple:
+        return PackedForward, (self.model,)
+
+    def __call__(self, *args: Any, seq_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        model = self.model
+        forward = type(model).forward
+        if seq_ids is None:
+            return forward(model, *args, **kwargs)
+        refuse_cache(seq_ids, kwargs.get("past_key_values"), kwargs.get("use_cache"))
+        implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+        if "flash" in implementation:
+            raise ValueError(
+                f"packed batches (data.packing) take a 4D attention mask, which attn_implementation "
+                f"{implementation!r} cannot apply; load the model with sdpa or eager attention"
+            )
+        # eager attention adds the mask to the scores; the other kernels take True = attend
+        dtype = model.dtype if implementation == "eager" else None
+        kwargs["attention_mask"] = block_causal_mask(seq_ids.to(model.device), dtype=dtype)
+        kwargs["use_cache"] = False
+        return forward(model, *args, **kwargs)
 
 
 def accept_packed_batches(model: nn.Module) -> nn.Module:
     """Let a transformers causal LM take the collated packed batch, `model(**batch)` with `seq_ids`.
 
-    The model instance's `forward` is replaced (a method bound to it, so copies rebind to the copy): PEFT
-    wrappers call `forward` of the model they wrap directly, past any hook, and pass `seq_ids` on in their
-    kwargs. Calls without `seq_ids` (generation, unpacked batches) run the class's forward unchanged."""
-    model.forward = types.MethodType(_forward_with_seq_ids, model)
+    The model instance's `forward` is replaced (see PackedForward) rather than hooked: PEFT wrappers call
+    `forward` of the model they wrap directly, past any hook, and pass `seq_ids` on in their kwargs. Calls
+    without `seq_ids` (generation, unpacked batches) run the class's forward unchanged."""
+    model.forward = PackedForward(model)
     return model

@@ -4,6 +4,7 @@ packed batch with seq_ids), gives each sample the logits it gets alone."""
 from __future__ import annotations
 
 import copy
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,21 @@ def test_llama_packed_samples_equal_samples_alone(attn_implementation: str):
     assert_samples_kept_apart(model, random_samples(), pad_token_id=0)
 
 
+@pytest.mark.parametrize("architecture", ["GPTNeoX", "Qwen2"])
+def test_other_transformers_models_keep_packed_samples_apart(architecture: str):
+    import transformers
+
+    torch.manual_seed(0)
+    sizes = dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    if architecture == "Qwen2":
+        sizes["num_key_value_heads"] = 2
+    config = getattr(transformers, f"{architecture}Config")(**sizes, pad_token_id=0)
+    model = getattr(transformers, f"{architecture}ForCausalLM")(config).float().eval()
+    assert_samples_kept_apart(accept_packed_batches(model), random_samples(), pad_token_id=0)
+
+
 def test_llama_packing_through_lora():
     model = accept_packed_batches(tiny_llama())
     # non-zero LoRA B, so the adapter changes the logits; PEFT passes seq_ids on to the wrapped forward
@@ -171,10 +187,10 @@ def test_load_model_lets_transformers_models_take_packed_batches(tmp_path: Path)
     tiny_llama().save_pretrained(tmp_path / "llama")
     model = load_model(tmp_path / "llama", torch_dtype=torch.float32)
     assert_samples_kept_apart(model, random_samples(), pad_token_id=0)
-    # a copy keeps the packed forward, bound to the copy
-    clone = copy.deepcopy(model)
-    assert clone.forward.__self__ is clone
-    assert_samples_kept_apart(clone, random_samples(), pad_token_id=0)
+    # copies (deepcopy, pickle) keep the packed forward, bound to the copy
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.forward.model is clone
+        assert_samples_kept_apart(clone, random_samples(), pad_token_id=0)
 
 
 def test_llama_generation_and_unpacked_calls_unchanged():
