@@ -15,6 +15,7 @@ A packed batch is a whole sequence for a loss: it never continues from, or write
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,6 +137,18 @@ class PackedForward:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The class forward's signature plus `seq_ids`: generate() and PEFT read it to decide which arguments
+        (attention_mask, position_ids, logits_to_keep, ...) to pass."""
+        signature = inspect.signature(type(self.model).forward.__get__(self.model))
+        parameters = list(signature.parameters.values())
+        seq_ids = inspect.Parameter("seq_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next(
+            (i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters)
+        )
+        return signature.replace(parameters=[*parameters[:at], seq_ids, *parameters[at:]])
 
     def __reduce__(self) -> tuple:
         return PackedForward, (self.model,)

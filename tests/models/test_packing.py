@@ -4,6 +4,7 @@ packed batch with seq_ids), gives each sample the logits it gets alone."""
 from __future__ import annotations
 
 import copy
+import inspect
 import pickle
 from pathlib import Path
 
@@ -195,6 +196,15 @@ def test_load_model_lets_transformers_models_take_packed_batches(tmp_path: Path)
 
 def test_llama_generation_and_unpacked_calls_unchanged():
     plain, packed = tiny_llama(), accept_packed_batches(tiny_llama())
+    # generate() and PEFT read the forward's signature to decide what to pass
+    parameters = set(inspect.signature(packed.forward).parameters)
+    assert parameters == set(inspect.signature(plain.forward).parameters) | {"seq_ids"}
+    left_padded = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    mask = (left_padded != 0).long()
+    assert torch.equal(
+        plain.generate(left_padded, attention_mask=mask, max_new_tokens=3, do_sample=False),
+        packed.generate(left_padded, attention_mask=mask, max_new_tokens=3, do_sample=False),
+    )
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, packed(input_ids=ids).logits)
