@@ -154,6 +154,35 @@ def _stop_point_checkpoint_class():
     return StopPointCheckpoint
 
 
+class ValidateEveryNSteps(L.Callback):
+    """`train.eval_every_n_steps`: validate after every N-th optimizer step, besides each epoch's end.
+
+    Lightning's `val_check_interval` counts micro-batches over the whole run: with gradient accumulation and an
+    epoch whose last accumulation is short, its checks drift off the optimizer steps (validating, and saving
+    checkpoints, in the middle of an accumulation) and it stops validating at epoch ends. This adds the step
+    condition to Lightning's own decision (the epoch's end), evaluated after every micro-batch.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.validated_at = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        lightning_decision = loop._should_check_val_fx
+        self.validated_at = trainer.global_step  # a resumed run validated there already
+
+        def should_check_val(data_fetcher: Any) -> bool:
+            step = trainer.global_step
+            due = step != self.validated_at and step % self.every == 0 and loop._should_check_val_epoch()
+            if lightning_decision(data_fetcher) or due:
+                self.validated_at = step
+                return True
+            return False
+
+        loop._should_check_val_fx = should_check_val
+
+
 def _atomic_checkpoint_io_class():
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -225,6 +254,9 @@ def make_trainer(
             mode="min",
             save_top_k=1,
             save_last=True,
+            # After every validation (ValidateEveryNSteps adds some mid-epoch): Lightning would otherwise
+            # save only at epoch ends, when validation runs only there by its own settings.
+            save_on_train_epoch_end=False if has_eval else None,
             enable_version_counter=False,
         )
     ]
@@ -248,16 +280,12 @@ def make_trainer(
         loggers.append(TensorBoardLogger(out, name="tensorboard"))
     except ImportError:
         pass
-    evaluation: dict[str, Any] = {"limit_val_batches": 1.0 if has_eval else 0}
+    extra_callbacks: list[L.Callback] = []
+    if overrides.get("enable_progress_bar") is not False:
+        extra_callbacks.append(_step_budget_progress_bar_class()())
     if has_eval and t.eval_every_n_steps:
-        # Lightning counts validation intervals in micro-batches.
-        evaluation.update(
-            val_check_interval=t.eval_every_n_steps * t.accumulate_grad_batches, check_val_every_n_epoch=None
-        )
+        extra_callbacks.append(ValidateEveryNSteps(t.eval_every_n_steps))
     sharded = is_deepspeed(t.strategy) or t.strategy == "fsdp"  # these write checkpoints their own way
-    extra_callbacks = (
-        [] if overrides.get("enable_progress_bar") is False else [_step_budget_progress_bar_class()()]
-    )
     precision = precision_args(cfg)
     plugins = [*precision.pop("plugins", []), *([] if sharded else [_atomic_checkpoint_io_class()()])]
     kwargs: dict[str, Any] = dict(
@@ -278,7 +306,7 @@ def make_trainer(
         # The training loader shards itself (ResumableSampler); Lightning must not swap its sampler.
         use_distributed_sampler=False,
         plugins=plugins or None,
-        **evaluation,
+        limit_val_batches=1.0 if has_eval else 0,
         **precision,
     )
     kwargs.update(overrides)

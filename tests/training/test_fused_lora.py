@@ -109,6 +109,26 @@ def test_fp32_adapter_on_bf16_input_saves_the_bf16_input_only():
         torch.testing.assert_close(grads["kept"][name], grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("half_base", [False, True])
+def test_lora_dropout_applies_as_in_peft(half_base):
+    """With lora_dropout, the fused layer drops the same inputs of lora_A as PEFT's (same seed), also where a
+    bf16 base would otherwise let lora_A keep its input uncast."""
+    plain, fused = wrap(False, lora_dropout=0.5), wrap(True, lora_dropout=0.5)
+    fused.load_state_dict(plain.state_dict())
+    if half_base:
+        plain, fused = bf16_base(plain), bf16_base(fused)
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16 if half_base else torch.float32)
+    layer = {key: model.base_model.model.up for key, model in (("plain", plain), ("fused", fused))}
+    outputs = {}
+    for key, module in layer.items():
+        torch.manual_seed(1)
+        outputs[key] = module(x).float()
+    tolerance = 2e-2 if half_base else 1e-5  # a bf16 base rounds the sum in bf16, PEFT's in fp32
+    torch.testing.assert_close(outputs["fused"], outputs["plain"], rtol=tolerance, atol=tolerance)
+    layer["fused"].eval()  # no dropout: a different output, so dropout did something above
+    assert (layer["fused"](x).float() - outputs["plain"]).abs().max() > 10 * tolerance
+
+
 def test_disabled_and_merged_adapters_fall_back():
     fused = wrap(True)
     torch.manual_seed(0)

@@ -108,3 +108,121 @@ def test_progress_bar_counts_micro_batches_under_max_steps(tiny_chatglm2, tiny_d
     totals = {(epoch, total) for epoch, _, total in bars}
     assert totals == {("0", "9"), ("1", "4")}, sorted(set(bars))
     assert {("0", "9", "9"), ("1", "4", "4")} <= set(bars)  # each epoch's bar reaches its end
+
+
+class Steps(L.Callback):
+    """The optimizer steps after which the run validated, and the gradient norm each optimizer step used."""
+
+    def __init__(self) -> None:
+        self.validated: list[int] = []
+        self.grad_norms: list[float] = []
+
+    def on_train_start(self, trainer, module) -> None:
+        # After the step: Lightning runs the backward inside optimizer.step (its closure), then clips.
+        def norm_at_step(optimizer, args, kwargs) -> None:
+            grads = [
+                p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+            ]
+            self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+        trainer.optimizers[0].register_step_post_hook(norm_at_step)
+
+    def on_validation_end(self, trainer, module) -> None:
+        self.validated.append(trainer.global_step)
+
+
+def test_eval_every_n_steps_counts_optimizer_steps(tiny_chatglm2, tiny_data, tmp_path):
+    # 17 micro-batches of 2 per epoch, 2 per optimizer step: 9 steps per epoch, the last one short.
+    cfg = make_cfg(
+        tiny_chatglm2, tiny_data, tmp_path / "run", max_epochs=2, batch_size=2, accumulate_grad_batches=2
+    )
+    cfg.train.eval_every_n_steps = 3
+    steps = Steps()
+    train(cfg, callbacks=[steps], enable_progress_bar=False)
+    assert steps.validated == [3, 6, 9, 12, 15, 18]
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_gradient_clip_val_clips_what_the_optimizer_sees(clip, tiny_chatglm2, tiny_data, tmp_path):
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", max_steps=4, gradient_clip_val=clip)
+    cfg.data.eval_files = []
+    steps = Steps()
+    train(cfg, callbacks=[steps], enable_progress_bar=False)
+    assert len(steps.grad_norms) == 4
+    if clip:
+        assert max(steps.grad_norms) == pytest.approx(0.05, rel=1e-4)
+    else:  # the same run unclipped: its gradients are larger than the clip
+        assert min(steps.grad_norms) > 0.1
+
+
+@pytest.mark.slow
+def test_dataloader_workers_train_the_same(tiny_chatglm2, tiny_data, tmp_path):
+    weights = {}
+    for workers in (0, 2):
+        cfg = make_cfg(
+            tiny_chatglm2, tiny_data, tmp_path / f"w{workers}", max_steps=4, dataloader_workers=workers
+        )
+        cfg.data.eval_files = []
+        cfg.lora.dropout = 0.1
+        trained, batches = TrainedWeights(), Batches()
+        train(cfg, callbacks=[trained, batches], enable_progress_bar=False)
+        assert batches.loader.num_workers == workers
+        weights[workers] = trained.weights
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[2][name], value, atol=0, rtol=0)
+    first = next(iter(weights[0]))
+    assert not torch.equal(weights[0][first], torch.zeros_like(weights[0][first]))
+
+
+def test_compile_mode_reaches_torch_compile(tiny_chatglm2, tiny_data, tmp_path, monkeypatch):
+    modes: list[str | None] = []
+
+    def recording_compile(fn, *args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return fn  # eager: only the mode matters here
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", max_steps=1, compile=True)
+    cfg.train.compile_mode = "max-autotune-no-cudagraphs"
+    cfg.data.eval_files = []
+    train(cfg, enable_progress_bar=False)
+    assert modes == ["max-autotune-no-cudagraphs"] * 2  # one per block of the 2-layer model
+
+
+class PeftConfigAtStart(L.Callback):
+    def on_train_start(self, trainer, module) -> None:
+        self.config = module.model.peft_config["default"]
+
+
+def test_adalora_schedule_keys_reach_peft(tiny_chatglm2, tiny_data, tmp_path):
+    # 9 micro-batches per epoch, 2 per optimizer step: 5 steps per epoch, 10 in all.
+    cfg = make_cfg(
+        tiny_chatglm2, tiny_data, tmp_path / "run", "adalora", max_epochs=2, accumulate_grad_batches=2
+    )
+    cfg.data.eval_files = []
+    a = cfg.adalora
+    a.init_r, a.target_r, a.tinit_ratio, a.tfinal_ratio, a.delta_t = 6, 3, 0.2, 0.3, 2
+    a.beta1, a.beta2, a.orth_reg_weight = 0.7, 0.8, 0.3
+    seen = PeftConfigAtStart()
+    result = train(cfg, callbacks=[seen], enable_progress_bar=False)
+    c = seen.config
+    assert result.total_steps == result.global_step == c.total_step == 10
+    assert (c.init_r, c.target_r, c.tinit, c.tfinal, c.deltaT) == (6, 3, 2, 3, 2)
+    assert (c.beta1, c.beta2, c.orth_reg_weight) == (0.7, 0.8, 0.3)
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_freeze_train_head_trains_the_final_norm_and_output_layer(
+    train_head, tiny_chatglm2, tiny_data, tmp_path
+):
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", "freeze", max_steps=2)
+    cfg.data.eval_files = []
+    cfg.freeze.num_trainable_layers, cfg.freeze.train_head = 1, train_head
+    trained = TrainedWeights()
+    train(cfg, callbacks=[trained], enable_progress_bar=False)
+    head = {"model.transformer.encoder.final_layernorm.weight", "model.transformer.output_layer.weight"}
+    assert (head <= trained.weights.keys()) is train_head
+    assert not head & trained.weights.keys() or train_head
+    assert any(".layers.1." in n for n in trained.weights) and not any(
+        ".layers.0." in n for n in trained.weights
+    )
