@@ -144,6 +144,15 @@ def load_base(cfg: TaskConfig, device: str | None = None) -> ChatEngine:
     from glmtune.models.tiny import ensure_model
 
     device = inference_device(cfg, device)
+    given = resolve_path(cfg.model.path)
+    if (given / HPARAMS_FILE).is_file():
+        method = read_run_config(given).get("method")
+        script = "infer_lora_finetuning.py" if method in PEFT_METHODS else "infer_finetuning.py"
+        if method in (*PEFT_METHODS, "ptv2"):
+            raise ConfigError(
+                f"model.path {cfg.model.path}: a {method} training result, not a model: "
+                f"python {script} --checkpoint {cfg.model.path}"
+            )
     path = ensure_model(cfg.model.path, cfg.model.tiny)
     model = _load_model(path, cfg, device, family=cfg.model.family)
     run = read_run_config(path) if (path / HPARAMS_FILE).is_file() else None
@@ -184,12 +193,15 @@ def load_finetuned(
                 f"(model.quantization={cfg.model.quantization}); use model.quantization_bit 4 / 8 instead"
             )
         base = run_base_model(run, artifact)
+        prefix = run.get("ptv2") or {}
+        if not prefix.get("pre_seq_len"):
+            raise ConfigError(f"{artifact / HPARAMS_FILE}: no ptv2.pre_seq_len for this P-Tuning v2 result")
         model = _load_model(
             base,
             cfg,
             device,
-            pre_seq_len=run["ptv2"]["pre_seq_len"],
-            prefix_projection=run["ptv2"]["prefix_projection"],
+            pre_seq_len=prefix["pre_seq_len"],
+            prefix_projection=prefix.get("prefix_projection", False),
             ptuning_checkpoint=artifact,
             family=run["model"].get("family", "auto"),
         )
@@ -213,6 +225,10 @@ def load_lora(
     if run.get("method") not in PEFT_METHODS:
         raise ConfigError(
             f"{adapter} holds a {run.get('method')!r} result, not an adapter: use infer_finetuning.py"
+        )
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"{adapter}: no adapter_config.json (the {run['method']} adapter's files are missing)"
         )
     base = run_base_model(run, adapter)
     model = _load_model(base, cfg, device, family=run["model"].get("family", "auto"))

@@ -59,6 +59,8 @@ def paths(tmp_path) -> dict[str, str]:
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     lora = write_run(tmp_path / "lora", method="lora", model={"path": str(tmp_path / "gone")})
+    (lora / "adapter_config.json").write_text("{}")
+    no_adapter = write_run(tmp_path / "no_adapter", method="ia3", model={"path": str(tmp_path / "gone")})
     full = write_run(tmp_path / "fullrun", method="full", model={"path": str(tmp_path / "gone")})
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -71,6 +73,7 @@ def paths(tmp_path) -> dict[str, str]:
         "lora": str(lora),
         "fullrun": str(full),
         "broken": str(broken),
+        "no_adapter": str(no_adapter),
         "gone": str(tmp_path / "gone"),
         "tmp": str(tmp_path),
     }
@@ -86,6 +89,8 @@ CASES = [
     ("infer_finetuning.py", ["--checkpoint", "{lora}"], "{lora} holds a lora adapter: use infer_lora"),
     ("infer_lora_finetuning.py", ["--checkpoint", "{fullrun}"], "not an adapter: use infer_finetuning.py"),
     ("infer_lora_finetuning.py", ["--checkpoint", "{lora}"], "model.path {gone} (the base model"),
+    ("infer_lora_finetuning.py", ["--checkpoint", "{no_adapter}"], "{no_adapter}: no adapter_config.json"),
+    ("infer.py", ["--model.path", "{lora}"], "a lora training result, not a model: python infer_lora"),
     ("infer_api.py", ["--checkpoint", "{lora}", "--model_kind", "base"], "--model_kind base serves"),
     (
         "infer_lora_finetuning.py",
