@@ -5,7 +5,8 @@ samples of a row numbered 1, 2, 3, ..., 0 for padding. Every model forward glmtu
 `seq_ids` and lets a token attend only to earlier tokens of its own sample:
 
 - ChatGLM2/3 and ChatGLM-6B read it in their own forward (the 6B also derives each sample's 2D positions
-  and prefix-LM mask from it);
+  and prefix-LM mask from it); ChatGLM2/3 on CUDA with flash_attn installed hand FlashAttention's varlen
+  kernel the samples' spans (`PackedSpans`) instead of building an [s, s] mask per row;
 - transformers models do not know the argument: `accept_packed_batches` (called by `load_model`) makes
   their forward turn it into a block-diagonal attention mask, below any PEFT wrapper.
 
