@@ -104,11 +104,9 @@ def _load_model(path: Path, cfg: TaskConfig, device: str | None, **options) -> t
     from glmtune.training.bnb import quantize_bnb
 
     model = load_model(path, torch_dtype=cfg.model.dtype, **options)
+    # bitsandbytes multiplies in half precision: bf16 where the model was asked for in bf16, else fp16.
     compute = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float16
-    family = model.glmtune_family
-    model = quantize_bnb(model, mode, torch.device(device or "cuda"), compute)
-    model.glmtune_family = family
-    return model
+    return quantize_bnb(model, mode, torch.device(device or "cuda"), compute)
 
 
 def _engine(
