@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import glmtune
 from glmtune.config import ConfigError
 from glmtune.inference import load_lora, predict
+from glmtune.training.module import CausalLMModule
 from tests.inference.conftest import REPO, task_config
+from tests.training.training_helpers import train_script, write_config
 
 TRAIN = REPO / "data" / "samples" / "prompt_completion.jsonl"
 EVAL = REPO / "data" / "samples" / "input_target.jsonl"
@@ -80,3 +83,35 @@ def test_tune_chat_eval_load_pretrained_and_merge(tiny_model, tmp_path):
     merged = again.merge(tmp_path / "merged")
     assert again.chat("山间茶舍几点开门？")[0] == response
     assert glmtune.Tuner(merged, generation={"max_new_tokens": 16}).chat("山间茶舍几点开门？")[0] == response
+
+
+class CountedLoss(CausalLMModule):
+    calls = 0
+
+    def loss(self, batch, outputs):
+        type(self).calls += 1
+        return super().loss(batch, outputs)
+
+
+@pytest.mark.slow
+def test_tune_trains_what_train_py_trains(tiny_model, tmp_path):
+    """The same config through Tuner and through train.py (models.ChatModel): the same adapter, bit for bit;
+    a module class given to Tuner is the one that trains."""
+    tuner = glmtune.Tuner(
+        tiny_model,
+        data={"output_dir": str(tmp_path / "records")},
+        train={"output_dir": str(tmp_path / "tuner"), "batch_size": 4, "max_steps": 2},
+        lora={"dropout": 0.1},
+        module_cls=CountedLoss,
+    )
+    tuner.load_data(TRAIN).tune()
+    assert CountedLoss.calls == 2
+    cfg = tuner.cfg
+    cfg.train.output_dir = str(tmp_path / "script")
+    config = write_config(cfg, tmp_path / "task.yaml")
+    assert train_script().main(["--config", str(config)]) == 0
+    by_tuner = load_file(tmp_path / "tuner" / "final" / "adapter_model.safetensors")
+    by_script = load_file(tmp_path / "script" / "final" / "adapter_model.safetensors")
+    assert by_tuner.keys() == by_script.keys() and by_tuner
+    for name, value in by_tuner.items():
+        torch.testing.assert_close(by_script[name], value, atol=0, rtol=0)
