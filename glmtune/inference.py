@@ -92,6 +92,8 @@ def _load_model(path: Path, cfg: TaskConfig, device: str | None, **options) -> t
     (the same block linears as training quantizes) once the float weights are in."""
     from glmtune.models.loading import load_model
 
+    # Running a folder's own code is consented to per invocation, not inherited from a run's saved config.
+    options["trust_remote_code"] = cfg.model.trust_remote_code
     mode = cfg.model.quantization
     if mode == "none":
         return load_model(
@@ -131,7 +133,7 @@ def _engine(
         name = FAMILY_TEMPLATES[family]
     if name not in TEMPLATES:
         raise ConfigError(f"data.template: unknown template {name!r}; known: {', '.join(TEMPLATES)}")
-    tokenizer = load_tokenizer(tokenizer_path, family=family)
+    tokenizer = load_tokenizer(tokenizer_path, family=family, trust_remote_code=cfg.model.trust_remote_code)
     template = get_template(name, tokenizer)
     model.eval()
     return ChatEngine(model=model, tokenizer=tokenizer, template=template, generation=cfg.generation)

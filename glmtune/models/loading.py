@@ -27,6 +27,12 @@ from glmtune.models.packing import accept_packed_batches
 
 logger = logging.getLogger(__name__)
 
+
+class CheckpointError(ConfigError):
+    """A checkpoint folder that cannot be loaded as asked (wrong family, truncated or foreign files, missing
+    tensors): the user's to fix, so the scripts print it as an error line naming the file."""
+
+
 Family = Literal["chatglm", "chatglm2", "chatglm3", "hf"]
 CHATGLM_FAMILIES: tuple[str, ...] = ("chatglm", "chatglm2", "chatglm3")
 
@@ -107,7 +113,7 @@ def detect_family(path: str | os.PathLike, config: dict | None = None) -> Family
     family = config.get("glmtune_family")
     if family is not None:
         if family not in ("chatglm2", "chatglm3"):
-            raise ValueError(
+            raise CheckpointError(
                 f"{folder / 'config.json'}: glmtune_family {family!r} does not fit a ChatGLM2/3 config "
                 "(expected 'chatglm2' or 'chatglm3')"
             )
@@ -164,7 +170,7 @@ def _read_exact(f, buffer: memoryview, what: str) -> None:
     while done < len(buffer):
         n = f.readinto(buffer[done:])
         if not n:
-            raise ValueError(f"{what}: file ends {len(buffer) - done} bytes early (truncated download?)")
+            raise CheckpointError(f"{what}: file ends {len(buffer) - done} bytes early (truncated download?)")
         done += n
 
 
@@ -191,14 +197,14 @@ def read_safetensors(
         # In file order, so the reads are sequential.
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+                raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
             stored = SAFETENSORS_DTYPES[info["dtype"]]
             dtype = dtype_for(name, stored) if dtype_for is not None else stored
             tensor = torch.empty(info["shape"], dtype=dtype)
             begin, end = info["data_offsets"]
             nbytes = tensor.numel() * stored.itemsize
             if end - begin != nbytes:
-                raise ValueError(
+                raise CheckpointError(
                     f"{file}: tensor {name!r} {info['dtype']}{info['shape']} needs {nbytes} bytes, "
                     f"its data_offsets span {end - begin}"
                 )
@@ -258,7 +264,7 @@ def _resolve_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
 def _checkpoint_dtype(path: Path, raw: dict) -> torch.dtype:
     name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
     if name not in DTYPES:
-        raise ValueError(f"{path / 'config.json'}: torch_dtype {name!r} is not one of {sorted(DTYPES)}")
+        raise CheckpointError(f"{path / 'config.json'}: torch_dtype {name!r} is not one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
@@ -289,11 +295,11 @@ def load_model(
     detected = detect_family(path, raw)
     fam = detected if family in ("auto", None) else family
     if fam in CHATGLM_FAMILIES and (fam == "chatglm") != (detected == "chatglm"):
-        raise ValueError(f"family {fam!r} given, but {path / 'config.json'} is a {detected} config")
+        raise CheckpointError(f"family {fam!r} given, but {path / 'config.json'} is a {detected} config")
     dtype = _resolve_dtype(torch_dtype)
     if fam == "hf":
         if quantization_bit or pre_seq_len or ptuning_checkpoint:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: quantization_bit, pre_seq_len and ptuning_checkpoint apply to ChatGLM checkpoints only"
             )
         from transformers import AutoModelForCausalLM
@@ -345,7 +351,7 @@ def _load_chatglm(
         )
     saved_bits = int(raw.get("quantization_bit") or 0)
     if quantization_bit and saved_bits and quantization_bit != saved_bits:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds {saved_bits}-bit weights (config.json quantization_bit); "
             f"cannot load them as {quantization_bit}-bit"
         )
@@ -383,9 +389,9 @@ def _load_chatglm(
             hint = (
                 " (packed weights, but config.json has no quantization_bit)" if "weight_scale" in name else ""
             )
-            raise KeyError(f"{path}: unexpected tensor {name!r} for a {family} model{hint}")
+            raise CheckpointError(f"{path}: unexpected tensor {name!r} for a {family} model{hint}")
         if not bits and quantization.is_quantizable_weight(name) and not tensor.is_floating_point():
-            raise KeyError(
+            raise CheckpointError(
                 f"{path}: {name!r} holds packed {tensor.dtype} weights, but config.json has no quantization_bit"
             )
         if bits and quantization.is_quantizable_weight(name) and tensor.is_floating_point():
@@ -404,7 +410,7 @@ def _load_chatglm(
         if k not in seen and k not in tied and "prefix_encoder." not in k and not k.endswith(ROTARY_SUFFIXES)
     ]
     if missing:
-        raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     if tied:
         model.tie_weights()
     if config.pre_seq_len is not None:
@@ -412,7 +418,7 @@ def _load_chatglm(
         if ptuning_checkpoint is not None:
             load_prefix_encoder(model, ptuning_checkpoint)
     elif ptuning_checkpoint is not None:
-        raise ValueError(
+        raise CheckpointError(
             "ptuning_checkpoint needs pre_seq_len (the prefix length the prefix was trained with)"
         )
     model.to(device)  # buffers (rotary tables, prefix ids) were built on the CPU
@@ -478,7 +484,7 @@ def load_prefix_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(p, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if "prefix_encoder." in k}
     if not state:
-        raise KeyError(f"{p} holds no transformer.prefix_encoder.* weights")
+        raise CheckpointError(f"{p} holds no transformer.prefix_encoder.* weights")
     return state
 
 
@@ -489,13 +495,13 @@ def load_prefix_encoder(model: nn.Module, ptuning_checkpoint: str | os.PathLike)
     encoder = model.transformer.prefix_encoder
     expected = encoder.state_dict()
     if set(own) != set(expected):
-        raise KeyError(
+        raise CheckpointError(
             f"{ptuning_checkpoint}: prefix encoder weights {sorted(own)} do not fit the model's "
             f"{sorted(expected)} (check pre_seq_len / prefix_projection)"
         )
     for key, value in own.items():
         if value.shape != expected[key].shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"{ptuning_checkpoint}: prefix_encoder.{key} has shape {tuple(value.shape)}, the model expects "
                 f"{tuple(expected[key].shape)} (check pre_seq_len / prefix_projection)"
             )
@@ -555,7 +561,7 @@ def load_tokenizer(path: str | os.PathLike, family: str = "auto", trust_remote_c
     if tokenizer.pad_token is None:
         filler = tokenizer.eos_token or tokenizer.unk_token
         if filler is None:
-            raise ValueError(f"{path}: the tokenizer has no pad, eos or unk token to pad batches with")
+            raise CheckpointError(f"{path}: the tokenizer has no pad, eos or unk token to pad batches with")
         tokenizer.pad_token = filler
     return tokenizer
 

@@ -210,3 +210,20 @@ def test_a_bug_is_not_turned_into_an_error_line():
 
     with pytest.raises(KeyError):
         broken()
+
+
+def test_a_checkpoint_that_cannot_load_as_asked_is_an_error_line(reference_dir, tmp_path, capsys):
+    """Wrong family for the folder, and a truncated weight file: the loader's errors name the file."""
+    main = script_main("infer.py")
+    chatglm2 = str(reference_dir / "chatglm2-6b-tiny")
+    assert main(["--model.path", chatglm2, "--model.family", "chatglm", "--predict", DATA]) == 1
+    assert "is a chatglm2 config" in only_error_line(capsys.readouterr().err)
+
+    import shutil
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(chatglm2, truncated, ignore=shutil.ignore_patterns("golden.pt"))
+    weights = sorted(truncated.glob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert main(["--model.path", str(truncated), "--predict", DATA]) == 1
+    assert f"{weights.name}" in only_error_line(capsys.readouterr().err)
