@@ -470,12 +470,12 @@ def parse_args(parser: ArgumentParser, argv: list[str] | None = None) -> tuple[T
         ns = parser.parse_args(argv)
     except Exception as err:  # jsonargparse raises ArgumentError subclasses with a message
         print(f"error: {_suggest(parser, str(err))}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(1) from None
     try:
         return namespace_to_task(ns), ns
     except (ConfigError, ValueError) as err:  # a section's own checks (__post_init__)
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(1) from None
 
 
 def namespace_to_task(ns: Namespace) -> TaskConfig:

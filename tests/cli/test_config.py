@@ -40,16 +40,18 @@ def test_command_line_overrides_config_file(tmp_path):
 def test_misspelled_key_exits_naming_it_and_the_nearest(tmp_path, capsys, argv_for):
     with pytest.raises(SystemExit) as exit_info:
         parse(argv_for(tmp_path))
-    assert exit_info.value.code != 0
+    assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "max_epoch" in err
     assert "did you mean 'train.max_epochs'" in err
 
 
 def test_wrong_type_is_an_error(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         parse(["--train.max_epochs", "three"])
-    assert "max_epochs" in capsys.readouterr().err
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "max_epochs" in err and err.startswith("error: ")
 
 
 def test_missing_data_file_names_the_path(tmp_path):
