@@ -102,9 +102,17 @@ def _first_logged_step(out: Path, version: int) -> int:
 
 @pytest.mark.slow
 def test_kill_9_then_resume_last_ends_as_the_uninterrupted_run(tiny_chatglm2, tiny_data, tmp_path):
-    # 17 micro-batches of 2 per epoch, a checkpoint every 4 steps: killed in epoch 0 (no epoch end yet), then
-    # in epoch 1 between epoch ends; each resume continues from the newest checkpoint. Dropout is on.
-    settings = dict(max_epochs=3, batch_size=2, save_every_n_steps=4, scheduler="cosine", warmup_steps=2)
+    # 17 micro-batches of 2 per epoch, a checkpoint every 4 steps and last.ckpt also after each evaluation
+    # (every 5 steps): killed in epoch 0 (no epoch end yet), then in epoch 1 between epoch ends; each resume
+    # continues from the newest checkpoint. Dropout is on.
+    settings = dict(
+        max_epochs=3,
+        batch_size=2,
+        save_every_n_steps=4,
+        eval_every_n_steps=5,
+        scheduler="cosine",
+        warmup_steps=2,
+    )
     full_cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "full", "lora", **settings)
     full_cfg.lora.dropout = 0.1
     _train_until(write_config(full_cfg, tmp_path / "full.yaml"))
