@@ -217,17 +217,29 @@ def _step_budget_progress_bar_class():
         """Lightning's bar, whose epoch total under `max_steps` counts micro-batches, not optimizer steps.
 
         Lightning caps the epoch's total at the optimizer steps left, so with gradient accumulation the bar
-        reads e.g. 24/6.
+        reads e.g. 24/6; and a run resumed mid-epoch shows no total at all ("Training: 4/?").
         """
 
-        @property
-        def total_train_batches(self) -> int | float:
-            # Read when an epoch starts (the bar's total), on an optimizer-step boundary.
+        def _epoch_total(self, done: int) -> int | float:
+            """The epoch's micro-batches, up to where max_steps ends the run; `done` of them already run."""
             trainer = self.trainer
             batches = trainer.num_training_batches
             if trainer.max_steps is None or trainer.max_steps < 0:
                 return batches
-            return min(batches, (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches)
+            left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            return min(batches, done + left)
+
+        @property
+        def total_train_batches(self) -> int | float:
+            return self._epoch_total(0)  # read as an epoch starts
+
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            super().on_train_start(trainer, pl_module)
+            if trainer.fit_loop.restarted_mid_epoch:  # Lightning then skips on_train_epoch_start
+                done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+                total = self._epoch_total(done)
+                self.train_progress_bar.total = None if total == float("inf") else total
+                self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch}")
 
     return StepBudgetProgressBar
 

@@ -97,17 +97,32 @@ def test_shuffle_false_keeps_record_order(shuffle, tiny_chatglm2, tiny_data, tmp
 # ---------------------------------------------------------------------------------------------- train
 
 
+def shown_bars(text: str) -> set[tuple[str, str, str]]:
+    """(epoch, position, total) of every state the training progress bar printed."""
+    return set(re.findall(r"^Epoch (\S+): .*?\| *(\d+)/(\S+) ", text.replace("\r", "\n"), flags=re.MULTILINE))
+
+
 def test_progress_bar_counts_micro_batches_under_max_steps(tiny_chatglm2, tiny_data, tmp_path, capsys):
     # 9 micro-batches per epoch, 2 per step (5 steps, the last one short): 7 steps are epoch 0 and 4
     # micro-batches of epoch 1.
     cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run", max_steps=7, accumulate_grad_batches=2)
     cfg.data.eval_files = []
     train(cfg)
-    shown = capsys.readouterr().out.replace("\r", "\n")
-    bars = re.findall(r"^Epoch (\S+): .*?\| *(\d+)/(\S+) ", shown, flags=re.MULTILINE)
-    totals = {(epoch, total) for epoch, _, total in bars}
-    assert totals == {("0", "9"), ("1", "4")}, sorted(set(bars))
-    assert {("0", "9", "9"), ("1", "4", "4")} <= set(bars)  # each epoch's bar reaches its end
+    bars = shown_bars(capsys.readouterr().out)
+    assert {(epoch, total) for epoch, _, total in bars} == {("0", "9"), ("1", "4")}, sorted(bars)
+    assert {("0", "9", "9"), ("1", "4", "4")} <= bars  # each epoch's bar reaches its end
+
+    # Resumed after 2 steps (4 micro-batches of epoch 0), the bar goes on from there.
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "parts", max_steps=2, accumulate_grad_batches=2)
+    cfg.data.eval_files = []
+    train(cfg, enable_progress_bar=False)
+    cfg.train.max_steps, cfg.train.resume = 7, "last"
+    capsys.readouterr()
+    train(cfg)
+    bars = shown_bars(capsys.readouterr().out)
+    assert {(epoch, total) for epoch, _, total in bars} == {("0", "9"), ("1", "4")}, sorted(bars)
+    # (a bar is printed at 0 as it is reset for the next epoch)
+    assert min(int(n) for epoch, n, _ in bars if epoch == "0" and n != "0") == 5
 
 
 class Steps(L.Callback):
