@@ -116,7 +116,8 @@ class DataArgs:
         packing: pack several samples per sequence (attention never crosses samples).
         backend: record (indexed binary file, memory mapped) or lmdb (for data larger than memory).
         num_workers: tokenizer processes.
-        shuffle: shuffle the training records.
+        shuffle: shuffle the training records (stored order, and each epoch's loader order; false keeps
+            the records in data-file order).
         seed: seed of the shuffle and of the eval_ratio split.
         eval_ratio: share of the training dialogues set aside as eval records (0 = none); needs eval_files
             empty.
@@ -303,7 +304,7 @@ class TrainArgs:
             exact match, ROUGE-1/2/L and BLEU-4 (0 = loss only).
         save_every_n_steps: also keep a checkpoint every N optimizer steps (0 = off).
         max_bad_steps: stop after this many non-finite losses in a row (each one is skipped).
-        resume: checkpoint to resume from ("last" = output_dir/checkpoints/last.ckpt).
+        resume: checkpoint to resume from ("last" = the newest complete checkpoint in output_dir/checkpoints).
         dataloader_workers: DataLoader worker processes.
     """
 
