@@ -7,7 +7,7 @@
 Cases (each in its own subprocess, so one failure does not stop the others):
     bf16_lora     LoRA r=8, weights bf16, precision bf16-mixed, one device
     qlora_nf4     bitsandbytes NF4 weights (double quantization) + LoRA, bf16 compute
-    zero2_lora    LoRA under DeepSpeed ZeRO-2 (config/deepspeed/zero2.json)
+    zero2_lora    LoRA under DeepSpeed ZeRO-2 (glmtune/training/deepspeed/zero2.json)
     zero3_lora    LoRA under DeepSpeed ZeRO-3; the final adapter is gathered on rank 0
     fsdp_lora     LoRA under FSDP (blocks wrapped, original parameters), adapter gathered on rank 0
 Where a case has "reload", its saved adapter is loaded back for inference (glmtune.inference.load_lora).
@@ -62,13 +62,13 @@ def build_model(folder: Path, tiny: bool) -> Path:
     """A random ChatGLM2-shaped checkpoint (bf16 on disk) with a small trained tokenizer."""
     import torch
 
+    from glmtune.demo.tiny import paragraph_texts
     from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
     from glmtune.models.loading import save_model
-    from glmtune.models.tiny import _texts
     from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer
     from glmtune.tokenizers.train_spm import train_chatglm2_tokenizer
 
-    train_chatglm2_tokenizer(list(_texts(["data/train.json"])), folder, vocab_size=1000)
+    train_chatglm2_tokenizer(list(paragraph_texts(["data/train.json"])), folder, vocab_size=1000)
     tokenizer = ChatGLM2Tokenizer.from_pretrained(str(folder))
     shape = TINY if tiny else FULL
     config = ChatGLM2Config(

@@ -3,7 +3,7 @@
 Every script parses the same sections, so one YAML drives data building, training and chat. The
 dataclasses below are the schema: jsonargparse turns each field into a `--section.key` flag, shows its
 docstring in `--help`, and refuses unknown keys. Model *shape* lives in the checkpoint's config.json;
-this file only says what to do with it (STYLE.md, point 4).
+this file only says what to do with it.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:  # jsonargparse is imported where parsing happens, so the dataclasses import anywhere
     from jsonargparse import ArgumentParser, Namespace
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "config" / "default.yaml"
+# The embedded default ships inside the package (so an installed glmtune runs it from any folder): its
+# config, and the data its paths name, which `resolve_path` finds when the current folder has no such file.
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEFAULT_CONFIG = DEMO_DIR / "default.yaml"
 # The one folder where the embedded tiny model is built on first use: a `model.path` anywhere else must
 # already hold a checkpoint, so a typo is an error rather than a freshly built random model.
 TINY_MODEL_PATH = "output/tiny-chatglm2"
@@ -44,7 +46,7 @@ class TinyModelArgs:
         kv_channels: width of one head.
         ffn_hidden_size: SwiGLU inner width.
         vocab_size: SentencePiece pieces to train on `texts` (byte fallback covers the rest).
-        texts: data files whose questions and answers train the tokenizer.
+        texts: paragraph-format data files whose questions and answers train the tokenizer.
         seed: seed of the deterministic weight initialisation.
     """
 
@@ -286,7 +288,7 @@ class TrainArgs:
         accelerator: auto, cpu, gpu.
         devices: devices per node ("auto", a count, or a list).
         strategy: auto, ddp, fsdp, deepspeed_stage_2, deepspeed_stage_2_offload, deepspeed_stage_3,
-            deepspeed_stage_3_offload, or a DeepSpeed JSON file (config/deepspeed/*.json).
+            deepspeed_stage_3_offload, or a DeepSpeed JSON file (the presets are glmtune/training/deepspeed/*.json).
         num_nodes: machines (MASTER_ADDR / MASTER_PORT / NODE_RANK from the environment).
         gradient_checkpointing: recompute activations in the backward pass.
         checkpoint_layers: with gradient_checkpointing, recompute only the first N transformer blocks (null:
@@ -425,17 +427,21 @@ SECTIONS: dict[str, type] = {
 def build_parser(description: str, sections: list[str] | None = None) -> ArgumentParser:
     """A parser holding `--config`, `--print_config` and every key of the task config.
 
-    Without `--config`, config/default.yaml (the embedded tiny model) is read first, so each script runs
-    on its own. Scripts add their own flags (e.g. `--merge`) to the returned parser.
+    The embedded default (glmtune/demo/default.yaml: the tiny model) is read first, so each script runs on
+    its own. Scripts add their own flags (e.g. `--merge`) to the returned parser.
     """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    default_files = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []
     parser = ArgumentParser(
-        description=description, default_config_files=default_files, exit_on_error=False, allow_abbrev=False
+        description=description,
+        default_config_files=[str(DEFAULT_CONFIG)],
+        exit_on_error=False,
+        allow_abbrev=False,
     )
     parser.add_argument(
-        "--config", action=ActionConfigFile, help="Task YAML file (default: config/default.yaml)."
+        "--config",
+        action=ActionConfigFile,
+        help="Task YAML file (default: the embedded default, a copy of config/default.yaml).",
     )
     parser.add_argument("--method", type=Method, default="lora", help="Tuning method.")
     for name in sections or list(SECTIONS):
@@ -496,12 +502,13 @@ def namespace_to_task(ns: Namespace) -> TaskConfig:
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
-    """Config paths are relative to the current directory when they exist there, else to the repository."""
+    """Config paths are relative to the current directory when they exist there, else to the embedded demo's
+    folder (so the default config's `data/train.json` is found wherever glmtune runs)."""
     p = Path(path)
     if p.is_absolute() or p.exists():
         return p
-    in_repo = REPO_ROOT / p
-    return in_repo if in_repo.exists() else p
+    in_demo = DEMO_DIR / p
+    return in_demo if in_demo.exists() else p
 
 
 def check_data_files(files: list[str], key: str) -> list[Path]:

@@ -141,7 +141,7 @@ def _engine(
 
 def load_base(cfg: TaskConfig, device: str | None = None) -> ChatEngine:
     """infer.py: the base model as configured (a merged folder's hyperparameters.yaml gives its template)."""
-    from glmtune.models.tiny import ensure_model
+    from glmtune.demo.tiny import ensure_model
 
     device = inference_device(cfg, device)
     given = resolve_path(cfg.model.path)

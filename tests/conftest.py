@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "chatglm-reference"
+# The checkout (tests run from it; glmtune itself never reaches above its package).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = REPO_ROOT.parent / "shared" / "chatglm-reference"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -82,7 +82,7 @@ def tokenizer_fingerprint(model_path: Path) -> str:
 
 def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = True) -> PreparedData:
     """Build (or reuse, when the cache key matches) the records `cfg` asks for."""
-    from glmtune.models.tiny import ensure_model
+    from glmtune.demo.tiny import ensure_model
 
     train_files = check_data_files(cfg.data.train_files, "data.train_files")
     eval_files = check_data_files(cfg.data.eval_files, "data.eval_files")

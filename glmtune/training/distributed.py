@@ -4,7 +4,7 @@ plain tensors at the end of a sharded run.
 - `auto` / `ddp` / `ddp_spawn`: Lightning's own. Multi-node is `num_nodes` plus the usual MASTER_ADDR,
   MASTER_PORT and NODE_RANK in each machine's environment.
 - `fsdp`: full sharding wrapped per transformer block, original parameters kept (PEFT freezes part of them).
-- `deepspeed_stage_2[_offload]`, `deepspeed_stage_3[_offload]` or a JSON file: ZeRO from config/deepspeed/*.json.
+- `deepspeed_stage_2[_offload]`, `deepspeed_stage_3[_offload]` or a JSON file: ZeRO from the presets in deepspeed/*.json beside this file.
   Checkpoints of adapter methods leave the frozen base out; the final artifact is gathered on rank 0, so a
   ZeRO-3 run ends with an adapter / model folder that loads for inference without a conversion step.
 """
@@ -22,10 +22,10 @@ import torch
 from lightning.pytorch.plugins.precision import HalfPrecision
 from torch import nn
 
-from glmtune.config import REPO_ROOT, ConfigError, TaskConfig, resolve_path
+from glmtune.config import ConfigError, TaskConfig, resolve_path
 from glmtune.training.methods import ADAPTER_METHODS, block_list, is_adapter_weight
 
-DEEPSPEED_DIR = REPO_ROOT / "config" / "deepspeed"
+DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 DEEPSPEED_PRESETS = {
     "deepspeed_stage_2": "zero2.json",
     "deepspeed_stage_2_offload": "zero2_offload.json",

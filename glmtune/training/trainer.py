@@ -63,8 +63,8 @@ class TrainResult:
 
 def load_for_method(cfg: TaskConfig, device: str | None = None) -> torch.nn.Module:
     """The backbone as the method needs it (P-Tuning v2 adds a prefix encoder at load time)."""
+    from glmtune.demo.tiny import ensure_model
     from glmtune.models.loading import load_model
-    from glmtune.models.tiny import ensure_model
 
     ptv2 = cfg.method == "ptv2"
     return load_model(

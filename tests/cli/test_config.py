@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from glmtune.config import REPO_ROOT, ConfigError, TaskConfig, build_parser, check_data_files, parse_args
+from glmtune.config import ConfigError, TaskConfig, build_parser, check_data_files, parse_args
+from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(p for p in (REPO_ROOT / "config").glob("*.yaml"))
 

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from glmtune.config import REPO_ROOT, build_parser, parse_args
-from glmtune.models.tiny import build_tiny_chatglm2
+from glmtune.config import build_parser, parse_args
+from glmtune.demo.tiny import build_tiny_chatglm2
+from tests.conftest import REPO_ROOT
 
 
 @pytest.mark.slow

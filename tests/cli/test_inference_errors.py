@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from glmtune.cli import exits_on_user_error
-from glmtune.config import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 DATA = str(REPO_ROOT / "data" / "dev.json")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmtune.config import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 SPECIALS = ["<s>", "</s>", "<unk>"]
 

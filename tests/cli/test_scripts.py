@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from glmtune.config import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 SCRIPTS = [
     "data_utils.py",

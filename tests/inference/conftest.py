@@ -43,7 +43,7 @@ def run_script(script: str, *args: str, stdin: str = "", timeout: int = 180) -> 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from glmtune.models.tiny import build_tiny_chatglm2
+    from glmtune.demo.tiny import build_tiny_chatglm2
 
     folder = tmp_path_factory.mktemp("models") / "tiny-chatglm2"
     return build_tiny_chatglm2(folder, TinyModelArgs(texts=[str(REPO / "data" / "train.json")]))

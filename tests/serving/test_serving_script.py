@@ -49,8 +49,8 @@ def lora_artifact(tmp_path) -> Path:
     import torch
 
     from glmtune.config import build_parser, parse_args
+    from glmtune.demo.tiny import ensure_model
     from glmtune.models.loading import load_model
-    from glmtune.models.tiny import ensure_model
     from glmtune.training.methods import apply_method, save_artifact
     from glmtune.training.trainer import write_hparams
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from glmtune.config import REPO_ROOT, DataArgs, LoraArgs, ModelArgs, TaskConfig, TinyModelArgs, TrainArgs
+from glmtune.config import DataArgs, LoraArgs, ModelArgs, TaskConfig, TinyModelArgs, TrainArgs
+from tests.conftest import REPO_ROOT
 
 # A smaller shape than the embedded default: every method trains in a few seconds on two CPU cores.
 TINY = TinyModelArgs(
@@ -38,7 +39,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_chatglm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from glmtune.models.tiny import build_tiny_chatglm2
+    from glmtune.demo.tiny import build_tiny_chatglm2
 
     return build_tiny_chatglm2(tmp_path_factory.mktemp("models") / "tiny-chatglm2", TINY)
 

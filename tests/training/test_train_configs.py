@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from glmtune.config import REPO_ROOT, build_parser, parse_args
+from glmtune.config import build_parser, parse_args
 from glmtune.training.distributed import is_deepspeed, load_deepspeed_config
 from glmtune.training.methods import check_method
+from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(p for p in (REPO_ROOT / "config").glob("*.yaml") if p.name != "default.yaml")
 TRAINING_CONFIGS = [

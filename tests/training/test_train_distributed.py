@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmtune.config import REPO_ROOT, ConfigError
+from glmtune.config import ConfigError
 from glmtune.training.distributed import (
     DEEPSPEED_DIR,
     DEEPSPEED_PRESETS,
@@ -22,6 +22,7 @@ from glmtune.training.distributed import (
     make_strategy,
     precision_args,
 )
+from tests.conftest import REPO_ROOT
 from tests.training.conftest import make_cfg
 from tests.training.test_train_methods import eval_loss_of
 from tests.training.training_helpers import LossProbe

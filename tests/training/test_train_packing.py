@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from glmtune.config import REPO_ROOT
 from glmtune.data.dataset import RecordDataset
 from glmtune.training.trainer import train
-from tests.conftest import REFERENCE
+from tests.conftest import REFERENCE, REPO_ROOT
 from tests.training.conftest import make_cfg
 from tests.training.test_train_methods import eval_loss_of, reload_artifact
 from tests.training.training_helpers import LossProbe

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from glmtune.config import REPO_ROOT
 from glmtune.training.trainer import train
+from tests.conftest import REPO_ROOT
 from tests.training.conftest import make_cfg
 from tests.training.training_helpers import LossProbe, train_script, write_config
 

@@ -1,4 +1,4 @@
-"""The embedded default model: a tiny ChatGLM2 checkpoint folder built from the project's own data.
+"""The embedded default model: a tiny ChatGLM2 checkpoint folder built from the demo's own data.
 
 It is a real checkpoint in the published layout (config.json, model.safetensors, tokenizer.model), so
 every code path that serves published checkpoints serves it too. Building it twice gives identical files.
@@ -6,6 +6,7 @@ every code path that serves published checkpoints serves it too. Building it twi
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -14,34 +15,42 @@ from pathlib import Path
 import torch
 
 from glmtune.config import TINY_MODEL_PATH, ConfigError, TinyModelArgs, resolve_path
+from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
+from glmtune.models.loading import save_model
+from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer
+from glmtune.tokenizers.train_spm import train_chatglm2_tokenizer
 
 SPECIAL_TOKENS = 9  # [MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|> <|observation|>
 
 
-def _texts(files: list[str]) -> Iterator[str]:
-    from glmtune.data.readers import read_dialogues
-
+def paragraph_texts(files: list[str]) -> Iterator[str]:
+    """Each question and answer of paragraph-format files (`[{"paragraph": [{"q", "a"}]}]`, `a` a string or
+    a list of lines), in order: the text the tiny tokenizer is trained on."""
     for file in files:
-        for dialogue in read_dialogues(resolve_path(file)):
-            if dialogue.system:
-                yield dialogue.system
-            for query, answer in dialogue.turns:
-                yield query
-                yield answer
+        path = resolve_path(file)
+        if not path.is_file():
+            raise ConfigError(f"model.tiny.texts: data file not found: {file}")
+        try:
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
+            for record in records:
+                for turn in record["paragraph"]:
+                    answer = turn["a"]
+                    yield turn["q"]
+                    yield "\n".join(answer) if isinstance(answer, list) else answer
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(
+                f"model.tiny.texts: {file} is not a paragraph-format JSON array ({type(err).__name__}: {err})"
+            ) from None
 
 
 def build_tiny_chatglm2(folder: str | Path, args: TinyModelArgs) -> Path:
     """Train the tokenizer on `args.texts`, initialise weights from `args.seed`, save; atomic."""
-    from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
-    from glmtune.models.loading import save_model
-    from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer
-    from glmtune.tokenizers.train_spm import train_chatglm2_tokenizer
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        train_chatglm2_tokenizer(list(_texts(args.texts)), tmp, vocab_size=args.vocab_size)
+        train_chatglm2_tokenizer(list(paragraph_texts(args.texts)), tmp, vocab_size=args.vocab_size)
         tokenizer = ChatGLM2Tokenizer.from_pretrained(str(tmp))
         vocab = len(tokenizer)
         config = ChatGLM2Config(

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import glmtune.models.tiny as tiny
-from glmtune.config import REPO_ROOT, ConfigError, TinyModelArgs
+import glmtune.demo.tiny as tiny
+from glmtune.config import ConfigError, TinyModelArgs
+from tests.conftest import REPO_ROOT
 
 SMALL = TinyModelArgs(
     num_layers=1, hidden_size=32, num_attention_heads=2, multi_query_group_num=1, kv_channels=16,
