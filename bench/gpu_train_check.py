@@ -64,7 +64,7 @@ def build_model(folder: Path, tiny: bool) -> Path:
 
     from glmtune.demo.tiny import paragraph_texts
     from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
-    from glmtune.models.loading import save_model
+    from glmtune.models.saving import save_model
     from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer
     from glmtune.tokenizers.train_spm import train_chatglm2_tokenizer
 

@@ -74,12 +74,12 @@ def merge_and_save(
 ) -> Path:
     """Merge `engine.model`'s adapter and write OUT: weights + config, tokenizer, hyperparameters.yaml.
 
-    ChatGLM models are written in the published layout (glmtune.models.loading.save_model), other models
+    ChatGLM models are written in the published layout (glmtune.models.saving.save_model), other models
     with transformers' save_pretrained. `run_config` is the adapter's hyperparameters.yaml (as a dict); it is
     written back with model.path = OUT and method "full". The engine's model is merged in place: do not use
     it as base + adapter afterwards.
     """
-    from glmtune.models.loading import save_model
+    from glmtune.models.saving import save_model
 
     out = Path(out)
     check_merge_target(out)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from glmtune.config import ConfigError, TaskConfig, check_data_files, resolve_path
 from glmtune.data.build import BuildReport, SettingsError, build_records
+from glmtune.models.families import resolve_family
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -39,12 +40,6 @@ class PreparedData:
     @property
     def eval_path(self) -> Path | None:
         return self.report.eval_dir
-
-
-def model_family(cfg: TaskConfig) -> str:
-    from glmtune.models.loading import detect_family
-
-    return detect_family(resolve_path(cfg.model.path)) if cfg.model.family == "auto" else cfg.model.family
 
 
 def template_name(cfg: TaskConfig, family: str) -> str:
@@ -87,7 +82,7 @@ def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = Tr
     train_files = check_data_files(cfg.data.train_files, "data.train_files")
     eval_files = check_data_files(cfg.data.eval_files, "data.eval_files")
     model_path = ensure_model(cfg.model.path, cfg.model.tiny)
-    family = model_family(cfg)
+    family = resolve_family(resolve_path(cfg.model.path), cfg.model.family)
     name = template_name(cfg, family)
     d = cfg.data
     factory = functools.partial(make_template, str(model_path), family, name, cfg.model.trust_remote_code)

@@ -16,7 +16,7 @@ import torch
 
 from glmtune.config import TINY_MODEL_PATH, ConfigError, TinyModelArgs, resolve_path
 from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
-from glmtune.models.loading import save_model
+from glmtune.models.saving import save_model
 from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer
 from glmtune.tokenizers.train_spm import train_chatglm2_tokenizer
 

@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput, logging
 
 from glmtune.models.losses import chunked_causal_lm_loss
 from glmtune.models.packing import refuse_cache, sample_starts
+from glmtune.models.saving import save_pretrained_published
 
 logger = logging.get_logger(__name__)
 
@@ -532,9 +533,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: object) -> None:
         """Write the published checkpoint layout (config schema, parameter names) as safetensors, loadable by
-        glmtune's load_model and by tools that read published ChatGLM folders; see loading.save_model."""
-        from glmtune.models.loading import save_pretrained_published
-
+        glmtune's load_model and by tools that read published ChatGLM folders; see glmtune.models.saving.save_model."""
         save_pretrained_published(self, save_directory, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:

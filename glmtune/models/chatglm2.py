@@ -30,6 +30,7 @@ from glmtune.models.packing import (
     positions_in_samples,
     refuse_cache,
 )
+from glmtune.models.saving import save_pretrained_published
 
 
 class ChatGLM2Config(PretrainedConfig):
@@ -580,9 +581,7 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: object) -> None:
         """Write the published checkpoint layout (config schema, parameter names) as safetensors, loadable by
-        glmtune's load_model and by tools that read published ChatGLM folders; see loading.save_model."""
-        from glmtune.models.loading import save_pretrained_published
-
+        glmtune's load_model and by tools that read published ChatGLM folders; see glmtune.models.saving.save_model."""
         save_pretrained_published(self, save_directory, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:

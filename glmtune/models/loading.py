@@ -1,248 +1,45 @@
-"""Load and save checkpoints: published ChatGLM folders without trust_remote_code, anything else via transformers.
+"""Load a model or tokenizer: published ChatGLM folders with glmtune's own classes (no trust_remote_code),
+anything else via transformers.
 
 Memory: a ChatGLM model is built with its parameters on the meta device (no storage, no init), then every
-checkpoint tensor is read into memory of its own, in the target dtype (or quantized), and put in place,
-one tensor at a time. Safetensors files are read with plain file reads, not memory-mapped, converting
-through a small staging buffer; `.bin` shards are read one at a time. Loading peaks at about one copy of
-the weights, plus one shard (`.bin`) when the dtype changes, plus one float weight when quantizing. The loaded weights never point into the checkpoint files, so the
-folder a model came from can be overwritten by `save_model` while the model lives.
+checkpoint tensor is read (glmtune.models.reading) into memory of its own, in the target dtype (or quantized),
+and put in place, one tensor at a time. Loading peaks at about one copy of the weights, plus one shard (`.bin`)
+when the dtype changes, plus one float weight when quantizing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import struct
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
 
 from glmtune.config import ConfigError
+from glmtune.models import quantization
+from glmtune.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
+from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
+from glmtune.models.families import CHATGLM_FAMILIES, Family, detect_family, resolve_family
 from glmtune.models.packing import accept_packed_batches
+from glmtune.models.reading import CheckpointError, iter_checkpoint_tensors, load_prefix_state, read_config
+from glmtune.tokenizers.chatglm import ChatGLMTokenizer
+from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer, ChatGLM3Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint folder that cannot be loaded as asked (wrong family, truncated or foreign files, missing
-    tensors): the user's to fix, so the scripts print it as an error line naming the file."""
-
-
-Family = Literal["chatglm", "chatglm2", "chatglm3", "hf"]
-CHATGLM_FAMILIES: tuple[str, ...] = ("chatglm", "chatglm2", "chatglm3")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Rotary inverse frequencies: both networks recompute them, and the published v1 ignores the stored copy.
 ROTARY_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
 
-# transformers' bookkeeping keys that the published config.json files do not have.
-GENERIC_CONFIG_KEYS = (
-    "transformers_version",
-    "glmtune_family",
-    "_name_or_path",
-    "dtype",
-    "torch_dtype",
-    "output_hidden_states",
-    "return_dict",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-    "id2label",
-    "label2id",
-    "problem_type",
-    "output_attentions",
-)
-
-# (tensor name, dtype stored in the checkpoint) -> dtype to load it in
-DtypeFor = Callable[[str, torch.dtype], torch.dtype]
-# Conversion while reading safetensors goes through a buffer of this size, not a full-size copy.
-STAGING_BYTES = 16 * 1024**2
-
-# What save_model writes (and removes when a new save has another shard count).
-SAVED_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
-
-# https://github.com/huggingface/safetensors: the format's dtype names.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in checkpoint folder {path}")
-    return json.loads(config_file.read_text(encoding="utf-8"))
-
-
-def _has_role_tokens(folder: Path) -> bool:
-    """ChatGLM3's tokenizer files name its role tokens; ChatGLM2's (same tokenizer.model) do not."""
-    for name in ("tokenizer_config.json", "tokenization_chatglm.py", "special_tokens_map.json"):
-        file = folder / name
-        if file.is_file() and "<|user|>" in file.read_text(encoding="utf-8", errors="replace"):
-            return True
-    return False
-
-
-def detect_family(path: str | os.PathLike, config: dict | None = None) -> Family:
-    """ChatGLM-6B, ChatGLM2 or ChatGLM3 from the published config (and files), else "hf".
-
-    ChatGLM-6B has its own config schema (`position_encoding_2d`, `inner_hidden_size`). ChatGLM2 and ChatGLM3
-    share the network and config schema; they differ only in the chat format, which the published configs do
-    not record. We look at an explicit `glmtune_family` key (written by `save_model`), then the tokenizer
-    files (ChatGLM3's name its role tokens), then `_name_or_path` and the folder name, in that order.
-    """
-    folder = Path(path)
-    config = config if config is not None else read_config(folder)
-    if config.get("model_type") != "chatglm":
-        return "hf"
-    if "position_encoding_2d" in config or "inner_hidden_size" in config:
-        return "chatglm"
-    family = config.get("glmtune_family")
-    if family is not None:
-        if family not in ("chatglm2", "chatglm3"):
-            raise CheckpointError(
-                f"{folder / 'config.json'}: glmtune_family {family!r} does not fit a ChatGLM2/3 config "
-                "(expected 'chatglm2' or 'chatglm3')"
-            )
-        return family
-    if _has_role_tokens(folder):
-        return "chatglm3"
-    names = f"{config.get('_name_or_path', '')} {folder.resolve().name}".lower()
-    if "chatglm3" in names:
-        return "chatglm3"
-    return "chatglm2"
-
 
 def _model_classes(family: str) -> tuple[type, type]:
     if family == "chatglm":
-        from glmtune.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
-
         return ChatGLMConfig, ChatGLMForConditionalGeneration
-    from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
-
     return ChatGLM2Config, ChatGLM2ForConditionalGeneration
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading checkpoint files
-# ---------------------------------------------------------------------------------------------------------
-
-
-def checkpoint_files(path: str | os.PathLike) -> list[Path]:
-    """The weight files of a folder, in the order transformers picks them: safetensors before pickles."""
-    folder = Path(path)
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        index = folder / f"{single}.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = [folder / name for name in sorted(set(weight_map.values()))]
-            absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise FileNotFoundError(f"{index} names shards that are not there: {absent}")
-            return files
-        if (folder / single).is_file():
-            return [folder / single]
-    # Shards without an index (hand-made folders): all of one kind, by name.
-    files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-    if not files:
-        raise FileNotFoundError(
-            f"no weights in {folder}: expected model*.safetensors or pytorch_model*.bin (with an index if sharded)"
-        )
-    return files
-
-
-def _read_exact(f, buffer: memoryview, what: str) -> None:
-    # A single read() returns at most ~2 GiB on Linux: loop.
-    done = 0
-    while done < len(buffer):
-        n = f.readinto(buffer[done:])
-        if not n:
-            raise CheckpointError(f"{what}: file ends {len(buffer) - done} bytes early (truncated download?)")
-        done += n
-
-
-def read_safetensors(
-    file: str | os.PathLike, dtype_for: DtypeFor | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of a safetensors file, each tensor read with plain file reads into its own memory.
-
-    `dtype_for(name, stored_dtype)` picks the dtype a tensor is returned in (default: as stored); a
-    conversion goes through a small staging buffer, so no second full-size tensor is ever allocated.
-
-    Why not `safetensors.safe_open`: its tensors are views of a memory map of the whole file. Copying them
-    out (to change dtype, or to not depend on the file) leaves every page read resident until the file is
-    closed, so a single-file checkpoint would peak at the model plus the whole file. The format is an 8-byte
-    little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw
-    little-endian data.
-    """
-    file = Path(file)
-    with open(file, "rb", buffering=0) as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        data_start = 8 + header_len
-        # In file order, so the reads are sequential.
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            stored = SAFETENSORS_DTYPES[info["dtype"]]
-            dtype = dtype_for(name, stored) if dtype_for is not None else stored
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            begin, end = info["data_offsets"]
-            nbytes = tensor.numel() * stored.itemsize
-            if end - begin != nbytes:
-                raise CheckpointError(
-                    f"{file}: tensor {name!r} {info['dtype']}{info['shape']} needs {nbytes} bytes, "
-                    f"its data_offsets span {end - begin}"
-                )
-            f.seek(data_start + begin)
-            what = f"{file}: tensor {name!r}"
-            flat = tensor.reshape(-1)
-            if dtype == stored:
-                if nbytes:
-                    _read_exact(f, memoryview(flat.view(torch.uint8).numpy()), what)
-            else:
-                staging = torch.empty(
-                    max(1, min(flat.numel(), STAGING_BYTES // stored.itemsize)), dtype=stored
-                )
-                for start in range(0, flat.numel(), staging.numel()):
-                    chunk = staging[: min(staging.numel(), flat.numel() - start)]
-                    _read_exact(f, memoryview(chunk.view(torch.uint8).numpy()), what)
-                    flat[start : start + chunk.numel()].copy_(chunk)
-            yield name, tensor
-
-
-def iter_checkpoint_tensors(
-    path: str | os.PathLike, dtype_for: DtypeFor | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of a checkpoint folder, in `dtype_for(name, stored_dtype)` (default:
-    as stored); each tensor owns its memory (CPU).
-
-    A `.bin` shard is a pickle: torch.load reads it whole, so one shard is in memory at a time, and its
-    tensors are handed out (converted if asked) and dropped here as they go. Not memory-mapped: copying out
-    of a map would keep the shard's pages resident on top of the copies.
-    """
-    for file in checkpoint_files(path):
-        if file.suffix == ".safetensors":
-            yield from read_safetensors(file, dtype_for)
-            continue
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        for name in list(state):
-            tensor = state.pop(name)  # popped: freed as soon as the caller drops it
-            yield name, tensor.to(dtype_for(name, tensor.dtype)) if dtype_for is not None else tensor
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,8 +99,6 @@ def load_model(
             raise CheckpointError(
                 f"{path}: quantization_bit, pre_seq_len and ptuning_checkpoint apply to ChatGLM checkpoints only"
             )
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or "auto", trust_remote_code=_allow_remote_code(path, trust_remote_code)
         )
@@ -335,10 +130,6 @@ def _load_chatglm(
     prefix_projection: bool,
     ptuning_checkpoint: str | os.PathLike | None,
 ) -> nn.Module:
-    from accelerate import init_empty_weights
-
-    from glmtune.models import quantization
-
     config_cls, model_cls = _model_classes(family)
     config = config_cls(**raw)
     config.glmtune_family = family
@@ -463,31 +254,6 @@ def _init_prefix_encoder(model: nn.Module, device: torch.device, loaded: bool) -
                 module.reset_parameters()
 
 
-def load_prefix_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read P-Tuning v2 weights (`transformer.prefix_encoder.*`) from a file or a folder.
-
-    A folder holds them as the published P-Tuning scripts save them (pytorch_model.bin), or as
-    model.safetensors.
-    """
-    p = Path(path)
-    if p.is_dir():
-        candidates = [p / "pytorch_model.bin", p / "model.safetensors", *sorted(p.glob("*.bin"))]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise FileNotFoundError(f"no P-Tuning v2 weights (pytorch_model.bin or model.safetensors) in {p}")
-        p = found
-    if not p.is_file():
-        raise FileNotFoundError(f"P-Tuning v2 checkpoint {p} does not exist")
-    if p.suffix == ".safetensors":
-        state = dict(read_safetensors(p))
-    else:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if "prefix_encoder." in k}
-    if not state:
-        raise CheckpointError(f"{p} holds no transformer.prefix_encoder.* weights")
-    return state
-
-
 def load_prefix_encoder(model: nn.Module, ptuning_checkpoint: str | os.PathLike) -> None:
     """Fill the model's prefix encoder from a P-Tuning v2 checkpoint (file or folder)."""
     state = load_prefix_state(ptuning_checkpoint)
@@ -513,8 +279,6 @@ def _allow_remote_code(path: Path, trust_remote_code: bool) -> bool:
     for a folder whose architecture exists only as shipped code."""
     raw = read_config(path) if (path / "config.json").is_file() else {}
     if not trust_remote_code and "auto_map" in raw:
-        from transformers import CONFIG_MAPPING
-
         if raw.get("model_type") not in CONFIG_MAPPING:
             raise ConfigError(
                 f"model.path: {path} defines its model type {raw.get('model_type')!r} in its own Python code "
@@ -538,23 +302,13 @@ def load_tokenizer(path: str | os.PathLike, family: str = "auto", trust_remote_c
     reaches a loss or an answer, but batching needs one.
     """
     path = Path(path)
-    fam = detect_family(path) if family in (None, "auto") else family
+    fam = resolve_family(path, family)
     if fam == "chatglm":
-        from glmtune.tokenizers.chatglm import ChatGLMTokenizer
-
         return ChatGLMTokenizer.from_pretrained(str(path))
     if fam == "chatglm2":
-        from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer
-
         return ChatGLM2Tokenizer.from_pretrained(str(path))
     if fam == "chatglm3":
-        from glmtune.tokenizers.chatglm2 import ChatGLM3Tokenizer
-
         return ChatGLM3Tokenizer.from_pretrained(str(path))
-    if fam != "hf":
-        raise ValueError(f"family {fam!r}: expected 'auto' or one of {get_args(Family)}")
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(
         str(path), trust_remote_code=_allow_remote_code(path, trust_remote_code)
     )
@@ -564,111 +318,3 @@ def load_tokenizer(path: str | os.PathLike, family: str = "auto", trust_remote_c
             raise CheckpointError(f"{path}: the tokenizer has no pad, eos or unk token to pad batches with")
         tokenizer.pad_token = filler
     return tokenizer
-
-
-# ---------------------------------------------------------------------------------------------------------
-# save_model
-# ---------------------------------------------------------------------------------------------------------
-
-
-def model_family(model: nn.Module) -> Family:
-    """The family a model is saved as: from its class for our ChatGLM models (ChatGLM2 vs ChatGLM3 from
-    `glmtune_family` on the model or its config), "hf" for anything else."""
-    from glmtune.models.chatglm import ChatGLMForConditionalGeneration
-    from glmtune.models.chatglm2 import ChatGLM2ForConditionalGeneration
-
-    if isinstance(model, ChatGLMForConditionalGeneration):
-        return "chatglm"
-    if isinstance(model, ChatGLM2ForConditionalGeneration):
-        declared = getattr(model, "glmtune_family", None) or getattr(model.config, "glmtune_family", None)
-        return "chatglm3" if declared == "chatglm3" else "chatglm2"
-    return "hf"
-
-
-def save_model(model: nn.Module, folder: str | os.PathLike, *, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write a model: ChatGLM in the published layout, anything else with transformers' save_pretrained.
-
-    ChatGLM: config.json in the published schema (plus `glmtune_family`, so ChatGLM2 vs ChatGLM3 survives)
-    and the weights under their published names as safetensors, in shards of at most `max_shard_bytes`
-    (model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json). Tied tensors
-    (ChatGLM-6B's lm_head and word_embeddings) are written separately, as in the published files. Shards
-    are written one at a time; only tensors sharing memory with another are copied.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    family = model_family(model)
-    if family == "hf":
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder)
-        return folder
-
-    config = model.config.to_dict()
-    for key in GENERIC_CONFIG_KEYS:
-        config.pop(key, None)
-    config["glmtune_family"] = family
-    config["architectures"] = ["ChatGLMModel"]
-    state = model.state_dict()
-    floating = next((v for v in state.values() if v.is_floating_point()), None)
-    if floating is not None:
-        config["torch_dtype"] = str(floating.dtype).removeprefix("torch.")
-
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    )
-
-    folder.mkdir(parents=True, exist_ok=True)
-    written: set[int] = set()  # storages already written: a second tensor on one (tied) is copied
-    for file, shard in zip(names, shards):
-        tensors = {}
-        for name in shard:
-            tensor = state[name].detach().to("cpu").contiguous()
-            storage = tensor.untyped_storage().data_ptr()
-            tensors[name] = tensor.clone() if storage in written else tensor
-            written.add(storage)
-        save_file(tensors, str(folder / file), metadata={"format": "pt"})
-        del tensors
-    for stale in folder.iterdir():
-        # Weights of an earlier save with another shard count would be read instead of (or with) these.
-        if SAVED_WEIGHTS.fullmatch(stale.name) and stale.name not in names:
-            stale.unlink()
-    if len(shards) > 1:
-        weight_map = {name: file for file, shard in zip(names, shards) for name in shard}
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
-        )
-    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    return folder
-
-
-def save_pretrained_published(
-    model: nn.Module,
-    save_directory: str | os.PathLike,
-    *,
-    is_main_process: bool = True,
-    max_shard_size: int | str = "2GB",
-    safe_serialization: bool = True,
-    **unsupported: object,
-) -> None:
-    """`save_pretrained` of our ChatGLM classes: transformers' signature, the published layout (save_model)."""
-    if unsupported:
-        raise TypeError(f"save_pretrained of a ChatGLM model does not take {sorted(unsupported)}")
-    if not safe_serialization:
-        raise ValueError("ChatGLM models are saved as safetensors only (safe_serialization=False given)")
-    if not is_main_process:
-        return
-    from transformers.utils.hub import convert_file_size_to_int
-
-    save_model(model, save_directory, max_shard_bytes=convert_file_size_to_int(max_shard_size))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from glmtune.config import ConfigError, TaskConfig
+from glmtune.models.families import model_family
 
 CHATGLM_LINEARS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 # PEFT's own ChatGLM default for IA3: rescale the attention output and the input of the down projection.
@@ -32,10 +33,6 @@ def block_list(model: nn.Module) -> nn.ModuleList:
     if not candidates:
         raise ValueError("model has no block list")
     return max(candidates, key=len)
-
-
-def model_family(model: nn.Module) -> str:
-    return getattr(model, "glmtune_family", "hf")
 
 
 def default_target_modules(model: nn.Module) -> list[str] | str:
@@ -257,7 +254,7 @@ def save_artifact(
     `state_dict` (keys as in `model.state_dict()`) replaces the model's own tensors: under ZeRO-3 / FSDP the
     local module holds only a shard, so the trainer gathers the full tensors first and passes them here.
     """
-    from glmtune.models.loading import save_model
+    from glmtune.models.saving import save_model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

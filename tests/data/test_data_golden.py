@@ -16,7 +16,7 @@ from glmtune.config import ConfigError, DataArgs, ModelArgs, TaskConfig
 from glmtune.data.build import build_records
 from glmtune.data.prepare import FAMILY_TEMPLATES, make_template, prepare_records
 from glmtune.data.records import open_reader
-from glmtune.models.loading import detect_family
+from glmtune.models.families import detect_family
 from glmtune.tokenizers.prompts import IGNORE_INDEX, get_template
 
 FOLDERS = {"v1": "chatglm-6b-tiny", "v2": "chatglm2-6b-tiny", "v3": "chatglm3-6b-tiny"}

@@ -19,15 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import glmtune
-from glmtune.models import loading
-from glmtune.models.loading import (
-    GENERIC_CONFIG_KEYS,
-    CheckpointError,
-    checkpoint_files,
-    detect_family,
-    read_safetensors,
-)
+from glmtune.models import reading
+from glmtune.models.families import detect_family
 from glmtune.models.quantization import is_quantizable_weight, quantize_weight
+from glmtune.models.reading import CheckpointError, checkpoint_files, read_safetensors
+from glmtune.models.saving import GENERIC_CONFIG_KEYS
 
 TOL_LOGITS = 1e-4  # max abs, fp32, real-token positions (the bound; the README says ~1e-5 is typical)
 TOL_LOSS = 1e-5
@@ -323,7 +319,7 @@ def test_safetensors_reader_matches_safetensors(
     for name, tensor in state.items():
         assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
     # Converted while reading, through a staging buffer smaller than a tensor (several chunks each).
-    monkeypatch.setattr(loading, "STAGING_BYTES", 6)
+    monkeypatch.setattr(reading, "STAGING_BYTES", 6)
     as_float = dict(
         read_safetensors(
             tmp_path / "t.safetensors", lambda name, d: torch.float32 if d.is_floating_point else d

@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from glmtune.data.build import pack_record
 from glmtune.data.dataset import Collator
 from glmtune.data.prepare import FAMILY_TEMPLATES
-from glmtune.models.loading import detect_family, load_model, load_tokenizer
+from glmtune.models.families import detect_family
+from glmtune.models.loading import load_model, load_tokenizer
 from glmtune.models.packing import accept_packed_batches, cu_seqlens
 from glmtune.tokenizers.prompts import get_template
 from tests.conftest import REFERENCE
