@@ -2,8 +2,8 @@
 
 import sys
 
-from glmtune.cli import inference_main
-from glmtune.inference import load_base
+from glmtune.inference.artifacts import load_base
+from glmtune.inference.cli import inference_main
 
 if __name__ == "__main__":
     sys.exit(inference_main(__doc__, load_base, with_checkpoint=False))

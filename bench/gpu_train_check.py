@@ -10,7 +10,7 @@ Cases (each in its own subprocess, so one failure does not stop the others):
     zero2_lora    LoRA under DeepSpeed ZeRO-2 (glmtune/training/deepspeed/zero2.json)
     zero3_lora    LoRA under DeepSpeed ZeRO-3; the final adapter is gathered on rank 0
     fsdp_lora     LoRA under FSDP (blocks wrapped, original parameters), adapter gathered on rank 0
-Where a case has "reload", its saved adapter is loaded back for inference (glmtune.inference.load_lora).
+Where a case has "reload", its saved adapter is loaded back for inference (glmtune.inference.artifacts.load_lora).
 
 The model is random (seeded) with a tokenizer trained on data/train.json; samples are short (128 tokens), the
 data is the project's own demo set. Peak memory is torch.cuda.max_memory_allocated (CPU: the process's max RSS).
@@ -156,7 +156,7 @@ def run_case(name: str, model_dir: Path, out: Path, tiny: bool) -> dict:
     }
     if case.get("reload"):
         # The gathered adapter loads for inference as it is (no ZeRO / FSDP conversion step).
-        from glmtune.inference import load_lora
+        from glmtune.inference.artifacts import load_lora
 
         model = load_lora(cfg, result.artifact_dir, device="cuda" if gpu else None).model
         row["reload"] = (

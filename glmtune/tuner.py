@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from glmtune.config import ConfigError, TaskConfig, build_parser, namespace_to_task
-from glmtune.generation import ChatEngine, History
+from glmtune.inference.artifacts import load_artifact, load_base, read_run_config
+from glmtune.inference.engine import ChatEngine, History
+from glmtune.inference.merge import merge_and_save
+from glmtune.inference.predict import predict
 
 if TYPE_CHECKING:
     from glmtune.training.module import CausalLMModule
@@ -137,8 +140,6 @@ class Tuner:
     def load_pretrained(self, artifact_dir: PathLike) -> Tuner:
         """Chat with / evaluate a saved result (an adapter, a P-Tuning v2 prefix or a full model folder):
         the folder a run wrote as <train.output_dir>/final. Its base model comes from its hyperparameters.yaml."""
-        from glmtune.inference import load_artifact
-
         path = Path(artifact_dir)
         self._engine = load_artifact(self.cfg, path, self.device)
         self.artifact = path
@@ -148,8 +149,6 @@ class Tuner:
     def engine(self) -> ChatEngine:
         """The model chat and eval use: the tuned / loaded result, else the base model (loaded on first use)."""
         if self._engine is None:
-            from glmtune.inference import load_artifact, load_base
-
             cfg = self.cfg
             self._engine = (
                 load_artifact(cfg, self.artifact, self.device)
@@ -175,8 +174,6 @@ class Tuner:
     ) -> dict[str, Any]:
         """Answer every turn of a data file (default: the one `data.eval_files` names) and score it:
         samples, exact_match, and ROUGE-1/2/L and BLEU-4 (percent). `out` saves predictions as JSON lines."""
-        from glmtune.inference import predict
-
         if path is None:
             files = self.cfg.data.eval_files
             if len(files) != 1:
@@ -185,11 +182,8 @@ class Tuner:
         return predict(self.engine, path, out=out, limit=limit, batch_size=batch_size, show=verbose)
 
     def merge(self, out: PathLike) -> Path:
-        """Fold the tuned adapter into the base weights and write a complete model folder (see glmtune.merge).
-        Chat goes on with the merged model."""
-        from glmtune.inference import read_run_config
-        from glmtune.merge import merge_and_save
-
+        """Fold the tuned adapter into the base weights and write a complete model folder (see
+        glmtune.inference.merge). Chat goes on with the merged model."""
         if self.artifact is None:
             raise ValueError("merge: nothing tuned or loaded yet (call tune() or load_pretrained() first)")
         return merge_and_save(self.engine, out, run_config=read_run_config(self.artifact))

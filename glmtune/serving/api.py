@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from glmtune.generation import ChatEngine, Completion
+from glmtune.inference.engine import ChatEngine, Completion
 from glmtune.serving.limits import RequestError, answer_budget
 from glmtune.serving.schemas import (
     AssistantMessage,

@@ -9,9 +9,11 @@ from typing import Literal
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from glmtune.cli import exits_on_user_error
 from glmtune.config import ConfigError, TaskConfig, build_parser, parse_args, resolve_path
-from glmtune.generation import ChatEngine
+from glmtune.inference.artifacts import load_base, load_finetuned, load_lora, read_run_config
+from glmtune.inference.cli import exits_on_user_error
+from glmtune.inference.engine import ChatEngine
+from glmtune.training.methods import PEFT_METHODS
 
 ModelKind = Literal["auto", "base", "finetuned", "lora"]
 FINETUNED_METHODS = ("full", "freeze", "ptv2")
@@ -67,9 +69,6 @@ def api_parser(description: str) -> ArgumentParser:
 
 def detect_model_kind(checkpoint: str | Path | None) -> Literal["base", "finetuned", "lora"]:
     """The loader a checkpoint needs, from the method in its hyperparameters.yaml."""
-    from glmtune.inference import read_run_config
-    from glmtune.training.methods import PEFT_METHODS
-
     if checkpoint is None:
         return "base"
 
@@ -90,8 +89,6 @@ def detect_model_kind(checkpoint: str | Path | None) -> Literal["base", "finetun
 
 
 def load_engine(cfg: TaskConfig, kind: ModelKind, checkpoint: str | None, device: str | None) -> ChatEngine:
-    from glmtune.inference import load_base, load_finetuned, load_lora
-
     if kind == "auto":
         kind = detect_model_kind(checkpoint)
     if kind == "base":

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from glmtune.config import ConfigError
-from glmtune.generation import ChatEngine
+from glmtune.inference.engine import ChatEngine
 from glmtune.serving.limits import RequestError, answer_budget
 
 # Gradio phones home (usage analytics, version check) unless told not to; a local server has no business there.

@@ -7,6 +7,8 @@ from typing import Any
 import lightning as L
 
 from glmtune.config import GenerationArgs
+from glmtune.inference.engine import ChatEngine
+from glmtune.inference.metrics import text_metrics
 from glmtune.training.compile import eager
 
 
@@ -27,8 +29,6 @@ class GenerationEval(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.items:
             return
-        from glmtune.generation import ChatEngine
-
         engine = ChatEngine(pl_module.model, self.tokenizer, self.template, self.generation)
         with eager():  # compiled blocks (train.compile) would recompile at every length of the growing cache
             completions = engine.batch_complete(
@@ -43,8 +43,6 @@ class GenerationEval(L.Callback):
             / len(references)
         }
         try:
-            from glmtune.metrics import text_metrics
-
             scores.update(text_metrics(self.predictions, references))
         except ImportError:  # the scorers are an extra (glmtune[eval]); exact match needs nothing
             pass

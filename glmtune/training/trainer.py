@@ -383,7 +383,7 @@ def generation_eval(cfg: TaskConfig, records) -> GenerationEval | None:
     """The `train.eval_generate` callback: the first N turns of the eval files, scored after each evaluation."""
     if not cfg.train.eval_generate:
         return None
-    from glmtune.inference import prediction_items
+    from glmtune.inference.predict import prediction_items
     from glmtune.tokenizers.prompts import get_template
 
     items: list[dict] = []

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from glmtune.cli import exits_on_user_error
+from glmtune.inference.cli import exits_on_user_error
 from tests.conftest import REPO_ROOT
 
 DATA = str(REPO_ROOT / "data" / "dev.json")
@@ -25,14 +25,14 @@ DATA = str(REPO_ROOT / "data" / "dev.json")
 
 def script_main(script: str) -> Callable[[list[str]], int]:
     """The main() a script runs, taking argv."""
-    from glmtune.cli import inference_main
+    from glmtune.inference.cli import inference_main
 
     if script == "infer.py":
-        from glmtune.inference import load_base
+        from glmtune.inference.artifacts import load_base
 
         return lambda argv: inference_main("infer", load_base, argv, with_checkpoint=False)
     if script == "infer_finetuning.py":
-        from glmtune.inference import load_finetuned
+        from glmtune.inference.artifacts import load_finetuned
 
         return lambda argv: inference_main("infer_finetuning", load_finetuned, argv)
     if script == "infer_lora_finetuning.py":

@@ -70,7 +70,7 @@ def test_model_family_picks_the_chat_format(reference_dir, tmp_path):
     import json
 
     from glmtune.config import build_parser, parse_args
-    from glmtune.inference import load_base
+    from glmtune.inference.artifacts import load_base
 
     model = str(reference_dir / "chatglm3-6b-tiny")
     data = tmp_path / "items.jsonl"

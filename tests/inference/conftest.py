@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmtune.cli import inference_parser
 from glmtune.config import TaskConfig, TinyModelArgs, parse_args
+from glmtune.inference.cli import inference_parser
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,6 +72,6 @@ def lora_adapter(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_engine(tiny_model):
-    from glmtune.inference import load_base
+    from glmtune.inference.artifacts import load_base
 
     return load_base(task_config("--model.path", str(tiny_model)))

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 import glmtune
 from glmtune.config import ConfigError
-from glmtune.inference import load_lora, predict
+from glmtune.inference.artifacts import load_lora
+from glmtune.inference.predict import predict
 from glmtune.training.module import CausalLMModule
 from tests.inference.conftest import REPO, task_config
 from tests.training.training_helpers import train_script, write_config

@@ -10,7 +10,7 @@ import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
-from glmtune.metrics import format_metrics, pair_scores, text_metrics
+from glmtune.inference.metrics import format_metrics, pair_scores, text_metrics
 
 PAIRS = [
     ("每天早上九点开门。", "每天早上九点开门。"),

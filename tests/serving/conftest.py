@@ -11,7 +11,7 @@ import pytest
 def engine():
     """The default config's tiny ChatGLM2 (built on first use), greedy."""
     from glmtune.config import build_parser, parse_args
-    from glmtune.inference import load_base
+    from glmtune.inference.artifacts import load_base
 
     cfg, _ = parse_args(build_parser("serving tests"), [])
     assert not cfg.generation.do_sample, "these tests compare greedy answers"

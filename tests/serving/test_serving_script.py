@@ -75,7 +75,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_script_serves_a_lora_checkpoint_with_the_key_from_the_environment(lora_artifact, engine):
     from glmtune.config import build_parser, parse_args
-    from glmtune.inference import load_lora
+    from glmtune.inference.artifacts import load_lora
 
     port = free_port()
     env = {**os.environ, "GLMTUNE_API_KEY": API_KEY}

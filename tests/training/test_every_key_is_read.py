@@ -67,7 +67,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 @pytest.mark.slow
 def test_every_config_key_is_read(reads, tiny_data, tmp_path, monkeypatch) -> None:
     from glmtune.demo.tiny import build_tiny_chatglm2
-    from glmtune.inference import load_base
+    from glmtune.inference.artifacts import load_base
     from glmtune.models.loading import load_model
     from glmtune.training.methods import apply_method
     from glmtune.training.trainer import load_for_method, train

@@ -232,7 +232,7 @@ def test_true_half_precision_keeps_adapters_in_fp32(tiny_chatglm2, tiny_data, tm
 @pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3"])
 def test_deepspeed_lora_on_gpu(strategy, tiny_chatglm2, tiny_data, tmp_path):
     pytest.importorskip("deepspeed")
-    from glmtune.inference import load_lora
+    from glmtune.inference.artifacts import load_lora
     from glmtune.training.trainer import train
 
     cfg = make_cfg(

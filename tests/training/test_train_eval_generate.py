@@ -1,7 +1,8 @@
 """train.eval_generate: the eval loop's generation metrics are those of the trained model's own answers."""
 
-from glmtune.inference import load_lora, prediction_items
-from glmtune.metrics import text_metrics
+from glmtune.inference.artifacts import load_lora
+from glmtune.inference.metrics import text_metrics
+from glmtune.inference.predict import prediction_items
 from glmtune.training.trainer import train
 from tests.training.conftest import make_cfg
 

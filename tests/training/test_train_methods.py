@@ -17,7 +17,7 @@ from tests.training.training_helpers import LossProbe, dataset_loss
 
 
 def reload_artifact(cfg, artifact: Path) -> torch.nn.Module:
-    from glmtune.inference import load_finetuned, load_lora
+    from glmtune.inference.artifacts import load_finetuned, load_lora
 
     loader = load_lora if cfg.method in ("lora", "adalora", "ia3") else load_finetuned
     return loader(cfg, artifact).model

@@ -17,8 +17,8 @@ import yaml
 from torch import nn
 
 from glmtune.config import ConfigError
-from glmtune.generation import ChatEngine
-from glmtune.inference import HPARAMS_FILE
+from glmtune.inference.artifacts import HPARAMS_FILE
+from glmtune.inference.engine import ChatEngine
 
 
 class MergeError(ConfigError):

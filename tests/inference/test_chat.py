@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from glmtune.config import GenerationArgs
-from glmtune.generation import cut_at_stop
-from glmtune.inference import fit_history, held_back, terminal_chat
+from glmtune.inference.chat import fit_history, held_back, terminal_chat
+from glmtune.inference.engine import cut_at_stop
 from tests.inference.conftest import run_script
 
 Q1, Q2, Q3 = "山间茶舍几点开门？", "绿茶用多少度的水冲泡？", "「画蛇添足」是什么意思？"
@@ -165,7 +165,7 @@ def test_infer_py_chat_through_stdin(tiny_model, base_engine):
 
 @pytest.mark.slow
 def test_infer_lora_streamed_chat_with_stop_string(lora_adapter):
-    from glmtune.inference import load_lora
+    from glmtune.inference.artifacts import load_lora
     from tests.inference.conftest import task_config
 
     engine = load_lora(task_config("--generation.max_new_tokens", "20"), lora_adapter)

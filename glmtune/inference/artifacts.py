@@ -1,4 +1,4 @@
-"""What the three inference scripts share: loading base / fine-tuned / LoRA models, terminal chat, prediction.
+"""Loading what training produced: a base model, a full/freeze/P-Tuning v2 result, or base + PEFT adapter.
 
 A training run's artifact folder holds `hyperparameters.yaml` (the resolved task config), so inference reads
 the method, base model and template from there instead of asking the user to retype them.
@@ -6,21 +6,14 @@ the method, base model and template from there instead of asking the user to ret
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TextIO
 
 import torch
 import yaml
 
 from glmtune.config import ConfigError, TaskConfig, resolve_path
-from glmtune.generation import ChatEngine, History
+from glmtune.inference.engine import ChatEngine
 from glmtune.training.methods import PEFT_METHODS
-
-COMMANDS_HELP = "commands: 'clear' starts a new conversation, 'exit' quits"
-
 
 HPARAMS_FILE = "hyperparameters.yaml"
 
@@ -245,197 +238,3 @@ def load_artifact(cfg: TaskConfig, artifact_dir: str | Path, device: str | None 
     if method in PEFT_METHODS:
         return load_lora(cfg, artifact_dir, device)
     return load_finetuned(cfg, artifact_dir, device)
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many characters at the end of `text` could be the start of a stop string (not to be shown yet)."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if stop.startswith(text[len(text) - n :]):
-                longest = n
-                break
-    return longest
-
-
-def fit_history(engine: ChatEngine, query: str, history: History) -> History:
-    """Drop the oldest turns until prompt + max_new_tokens fits the model's context (a long chat goes on)."""
-    limit = engine.context_length
-    if limit is None:
-        return history
-    room = limit - engine.generation.max_new_tokens
-    while history and len(engine.prompt_ids(query, history)) > room:
-        history = history[1:]
-    if len(engine.prompt_ids(query, history)) > room:
-        raise ValueError(
-            f"the question is longer than the model's context ({limit} tokens, "
-            f"{engine.generation.max_new_tokens} of them kept for the answer by generation.max_new_tokens)"
-        )
-    return history
-
-
-def terminal_chat(
-    engine: ChatEngine, stream: bool = False, stdin: TextIO | None = None, stdout: TextIO | None = None
-) -> History:
-    """A multi-turn chat on stdin/stdout with history, `clear` and `exit`; returns the last conversation.
-
-    Generation settings (length, sampling, beams, stop strings) are `engine.generation`, i.e. the
-    `generation.*` config keys. A streamed answer holds back text that may turn out to start a stop string,
-    so stop strings never appear, streamed or not.
-    """
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
-    history: History = []
-    print(f"glmtune chat ({COMMANDS_HELP})", file=stdout, flush=True)
-    try:
-        while (after := _chat_turn(engine, history, stream, stdin, stdout)) is not None:
-            history = after
-    except KeyboardInterrupt:  # Ctrl-C ends the chat like `exit`
-        pass
-    print(file=stdout, flush=True)
-    return history
-
-
-def _chat_turn(
-    engine: ChatEngine, history: History, stream: bool, stdin: TextIO, stdout: TextIO
-) -> History | None:
-    """Read lines until one is a question and answer it; the history after it, or None at `exit` / end of input."""
-    stops = engine.generation.stop
-    while True:
-        print("\nuser: ", end="", file=stdout, flush=True)
-        line = stdin.readline()
-        query = line.strip()
-        if not line or query == "exit":
-            return None
-        if not query:
-            continue
-        if query == "clear":
-            print("(history cleared)", file=stdout, flush=True)
-            return []
-        try:
-            history = fit_history(engine, query, history)
-        except ValueError as err:
-            print(f"error: {err}", file=stdout, flush=True)
-            continue
-        print("assistant: ", end="", file=stdout, flush=True)
-        if stream:
-            shown, printed = "", 0
-            for shown in engine.stream_chat(query, history):
-                safe = len(shown) - held_back(shown, stops)
-                print(shown[printed:safe], end="", file=stdout, flush=True)
-                printed = max(printed, safe)
-            print(shown[printed:], file=stdout, flush=True)
-            response = shown.strip()
-        else:
-            response, _ = engine.chat(query, history)
-            print(response, file=stdout, flush=True)
-        return [*history, (query, response)]
-
-
-def prediction_items(file: str | Path, fmt: str = "auto") -> Iterable[dict]:
-    """Each turn of each dialogue as (query, history, system, reference)."""
-    from glmtune.data.readers import iter_dialogues
-
-    for dialogue in iter_dialogues(file, format=fmt):
-        for i, (query, answer) in enumerate(dialogue.turns):
-            yield {
-                "query": query,
-                "history": list(dialogue.turns[:i]),
-                "system": dialogue.system,
-                "reference": answer,
-                "source": dialogue.source,
-            }
-
-
-def score(results: list[dict]) -> dict:
-    """Exact match over all rows (at least one); ROUGE-1/2/L and BLEU-4 over the rows that have a reference."""
-    from glmtune import metrics
-
-    exact = sum(r["prediction"].strip() == r["reference"].strip() for r in results)
-    summary: dict = {"samples": len(results), "exact_match": exact / len(results), "exact_match_count": exact}
-    scored = [r for r in results if r["reference"].strip()]
-    if scored:
-        missing = metrics.missing_packages()
-        if missing:
-            summary["metrics_missing"] = missing
-        else:
-            summary.update(
-                metrics.text_metrics([r["prediction"] for r in scored], [r["reference"] for r in scored])
-            )
-            summary["scored_samples"] = len(scored)
-    return summary
-
-
-def check_predict_paths(file: str | Path, out: str | Path | None = None) -> None:
-    """Refuse a `--predict` file that is not one, or an `--out` that is a folder, before a model loads."""
-    path = resolve_path(file)
-    if not path.exists():
-        raise ConfigError(f"--predict {file}: no such file")
-    if not path.is_file():
-        raise ConfigError(f"--predict {file}: a folder, not a data file")
-    if out is not None and Path(out).is_dir():
-        raise ConfigError(f"--out {out}: a folder; name the file to write the predictions (JSON lines) to")
-
-
-def predict(
-    engine: ChatEngine,
-    file: str | Path,
-    *,
-    out: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
-    fmt: str = "auto",
-    show: bool = True,
-) -> dict:
-    """Answer every turn of a data file in batches; print and save ROUGE/BLEU and exact match.
-
-    With `out`, the predictions go to OUT (JSON lines) and the scores to OUT with suffix .metrics.json. The
-    last line printed is always `exact match: K/N` (scripts read it).
-    """
-    from glmtune import metrics
-
-    check_predict_paths(file, out)
-    items = list(prediction_items(resolve_path(file), fmt))
-    if limit is not None:
-        items = items[:limit]
-    if not items:
-        raise ConfigError(f"--predict {file}: no dialogue turns to answer")
-    results = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        completions = engine.batch_complete(
-            [c["query"] for c in chunk], [c["history"] for c in chunk], [c["system"] for c in chunk]
-        )
-        for item, completion in zip(chunk, completions, strict=True):
-            results.append({**item, "prediction": completion.text})
-            if show:
-                print(
-                    f"Q: {item['query']}\n   expected: {item['reference']}\n   model:    {completion.text}",
-                    flush=True,
-                )
-    summary = score(results)
-    if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for r in results:
-                f.write(
-                    json.dumps({**r, "history": [list(h) for h in r["history"]]}, ensure_ascii=False) + "\n"
-                )
-        tmp.replace(out)
-        metrics_file = out.with_suffix(".metrics.json")
-        metrics_file.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if show:
-        if "metrics_missing" in summary:
-            print(
-                f"ROUGE/BLEU skipped: pip install 'glmtune[eval]' (missing: {', '.join(summary['metrics_missing'])})"
-            )
-        elif "bleu-4" in summary:
-            print(
-                f"{metrics.format_metrics(summary)}  ({summary['scored_samples']} answers with a reference)"
-            )
-        if out:
-            print(f"predictions written to {out}, scores to {metrics_file}")
-        print(f"exact match: {summary['exact_match_count']}/{len(results)}", flush=True)
-    return summary

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from glmtune.inference import load_base, load_finetuned, load_lora
-from glmtune.merge import MergeError, merge_and_save
+from glmtune.inference.artifacts import load_base, load_finetuned, load_lora
+from glmtune.inference.merge import MergeError, merge_and_save
 from tests.inference.conftest import run_script, task_config
 
 QUERIES = ["山间茶舍几点开门？", "绿茶用多少度的水冲泡？"]
@@ -121,7 +121,7 @@ def test_merge_writes_transformers_format_for_other_models(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from glmtune.generation import ChatEngine
+    from glmtune.inference.engine import ChatEngine
     from glmtune.models.loading import load_model
 
     tokenizer = tiny_llama(tmp_path / "llama")

@@ -8,7 +8,11 @@ from collections.abc import Callable
 from typing import ParamSpec
 
 from glmtune.config import ConfigError, build_parser, parse_args
-from glmtune.generation import ChatEngine
+from glmtune.data.readers import DataError
+from glmtune.inference.chat import terminal_chat
+from glmtune.inference.engine import ChatEngine
+from glmtune.inference.predict import check_predict_paths, predict
+from glmtune.training.module import NonFiniteLossError
 
 P = ParamSpec("P")
 
@@ -25,9 +29,7 @@ PATH_ERRORS: tuple[type[OSError], ...] = (
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "the user asked for something that cannot work", not "glmtune is broken"."""
-    from glmtune.data.readers import DataError
-
-    return (ConfigError, DataError, *PATH_ERRORS)
+    return (ConfigError, DataError, NonFiniteLossError, *PATH_ERRORS)
 
 
 def exits_on_user_error(main: Callable[P, int]) -> Callable[P, int]:
@@ -103,8 +105,6 @@ def check_inference_flags(ns) -> None:
 
 
 def run_inference(engine: ChatEngine, ns) -> None:
-    from glmtune.inference import predict, terminal_chat
-
     if ns.predict:
         predict(
             engine,
@@ -122,8 +122,6 @@ def inference_main(
     description: str, load: Callable, argv: list[str] | None = None, with_checkpoint: bool = True
 ) -> int:
     """infer.py and infer_finetuning.py: parse, check the flags, load with `load`, then chat or predict."""
-    from glmtune.inference import check_predict_paths
-
     parser = inference_parser(description, with_checkpoint)
     cfg, ns = parse_args(parser, argv)
     check_inference_flags(ns)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from glmtune.inference import load_base, load_lora
+from glmtune.inference.artifacts import load_base, load_lora
 from tests.inference.conftest import run_script, task_config
 
 QUERIES = ["山间茶舍几点开门？", "绿茶用多少度的水冲泡？"]

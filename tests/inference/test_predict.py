@@ -8,7 +8,7 @@ import json
 import pytest
 
 from glmtune.config import GenerationArgs
-from glmtune.inference import predict
+from glmtune.inference.predict import predict
 from tests.inference.conftest import REPO, run_script
 from tests.inference.test_metrics import published_scores
 
@@ -62,7 +62,7 @@ def test_predict_scores_what_it_saved_and_ends_with_exact_match(base_engine, tmp
     "sample", ["alpaca.json", "conversations.jsonl", "input_target.jsonl", "prompt_completion.jsonl"]
 )
 def test_predict_reads_every_data_format_with_history_and_system(base_engine, sample, tmp_path, capsys):
-    from glmtune.inference import prediction_items
+    from glmtune.inference.predict import prediction_items
 
     engine = short_answers(base_engine)
     file = REPO / "data" / "samples" / sample
@@ -104,7 +104,7 @@ def test_predict_from_the_command_line(script, tiny_model, lora_adapter, tmp_pat
 
 
 def test_prediction_items_keep_each_turns_history_and_system(tmp_path):
-    from glmtune.inference import prediction_items
+    from glmtune.inference.predict import prediction_items
 
     sharegpt = {
         "conversations": [
@@ -151,8 +151,8 @@ def test_prediction_items_keep_each_turns_history_and_system(tmp_path):
 
 def test_predict_asks_with_the_history_and_system_of_each_turn(tmp_path):
     """The engine is asked each turn with its own earlier turns and system prompt (a fake engine records it)."""
-    from glmtune.generation import Completion
-    from glmtune.inference import prediction_items
+    from glmtune.inference.engine import Completion
+    from glmtune.inference.predict import prediction_items
 
     file = REPO / "data" / "samples" / "conversations.jsonl"
     asked = []
