@@ -7,7 +7,7 @@ python infer_api.py --api-key KEY --ui                 # require a key; also ser
 
 import sys
 
-from glmtune.serving.launch import main
+from glmtune.command import serve_main as main
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__.split("\n\n")[0]))
+    sys.exit(main())

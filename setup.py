@@ -7,6 +7,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["glmtune", "glmtune.*"]),
+    # The embedded default (its config and the data the tiny model is built from) and the DeepSpeed presets.
+    package_data={"glmtune.demo": ["default.yaml", "data/*.json"], "glmtune.training": ["deepspeed/*.json"]},
+    entry_points={"console_scripts": ["glmtune = glmtune.command:main"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
