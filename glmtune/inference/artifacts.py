@@ -13,9 +13,7 @@ import yaml
 
 from glmtune.config import ConfigError, TaskConfig, resolve_path
 from glmtune.inference.engine import ChatEngine
-from glmtune.training.methods import PEFT_METHODS
-
-HPARAMS_FILE = "hyperparameters.yaml"
+from glmtune.training.registry import HPARAMS_FILE, METHODS, tuning_method
 
 
 def read_run_config(artifact_dir: str | Path) -> dict:
@@ -139,12 +137,11 @@ def load_base(cfg: TaskConfig, device: str | None = None) -> ChatEngine:
     device = inference_device(cfg, device)
     given = resolve_path(cfg.model.path)
     if (given / HPARAMS_FILE).is_file():
-        method = read_run_config(given).get("method")
-        script = "infer_lora_finetuning.py" if method in PEFT_METHODS else "infer_finetuning.py"
-        if method in (*PEFT_METHODS, "ptv2"):
+        method = METHODS.get(read_run_config(given).get("method"))
+        if method is not None and method.artifact != "model":
             raise ConfigError(
-                f"model.path {cfg.model.path}: a {method} training result, not a model: "
-                f"python {script} --checkpoint {cfg.model.path}"
+                f"model.path {cfg.model.path}: a {method.name} training result, not a model: "
+                f"python {method.script} --checkpoint {cfg.model.path}"
             )
     path = ensure_model(cfg.model.path, cfg.model.tiny)
     model = _load_model(path, cfg, device, family=cfg.model.family)
@@ -176,32 +173,31 @@ def load_finetuned(
     device = inference_device(cfg, device)
     artifact = artifact_folder(cfg, artifact_dir)
     run = read_run_config(artifact)
-    method = run.get("method")
-    if method in ("full", "freeze"):
+    method = tuning_method(run.get("method"), artifact / HPARAMS_FILE)
+    if method.artifact == "adapter":
+        raise ConfigError(f"{artifact} holds a {method.name} adapter: use {method.script}")
+    if method.artifact == "model":
         return _engine(_load_model(artifact, cfg, device), artifact, cfg, run)
-    if method == "ptv2":
-        if cfg.model.quantization != "none":
-            raise ConfigError(
-                f"{artifact}: a P-Tuning v2 prefix does not run on bitsandbytes weights "
-                f"(model.quantization={cfg.model.quantization}); use model.quantization_bit 4 / 8 instead"
-            )
-        base = run_base_model(run, artifact)
-        prefix = run.get("ptv2") or {}
-        if not prefix.get("pre_seq_len"):
-            raise ConfigError(f"{artifact / HPARAMS_FILE}: no ptv2.pre_seq_len for this P-Tuning v2 result")
-        model = _load_model(
-            base,
-            cfg,
-            device,
-            pre_seq_len=prefix["pre_seq_len"],
-            prefix_projection=prefix.get("prefix_projection", False),
-            ptuning_checkpoint=artifact,
-            family=run["model"].get("family", "auto"),
+    # A prefix: the base model loaded with it (the published P-Tuning v2 file goes onto its encoder).
+    if cfg.model.quantization != "none":
+        raise ConfigError(
+            f"{artifact}: a P-Tuning v2 prefix does not run on bitsandbytes weights "
+            f"(model.quantization={cfg.model.quantization}); use model.quantization_bit 4 / 8 instead"
         )
-        return _engine(model, base, cfg, run)
-    if method in PEFT_METHODS:
-        raise ConfigError(f"{artifact} holds a {method} adapter: use infer_lora_finetuning.py")
-    raise ConfigError(f"{artifact / HPARAMS_FILE}: method {method!r} is not a glmtune tuning method")
+    base = run_base_model(run, artifact)
+    prefix = run.get("ptv2") or {}
+    if not prefix.get("pre_seq_len"):
+        raise ConfigError(f"{artifact / HPARAMS_FILE}: no ptv2.pre_seq_len for this P-Tuning v2 result")
+    model = _load_model(
+        base,
+        cfg,
+        device,
+        pre_seq_len=prefix["pre_seq_len"],
+        prefix_projection=prefix.get("prefix_projection", False),
+        ptuning_checkpoint=artifact,
+        family=run["model"].get("family", "auto"),
+    )
+    return _engine(model, base, cfg, run)
 
 
 def load_lora(
@@ -215,7 +211,8 @@ def load_lora(
     device = inference_device(cfg, device)
     adapter = artifact_folder(cfg, adapter_dir)
     run = read_run_config(adapter)
-    if run.get("method") not in PEFT_METHODS:
+    method = METHODS.get(run.get("method"))
+    if method is None or method.artifact != "adapter":
         raise ConfigError(
             f"{adapter} holds a {run.get('method')!r} result, not an adapter: use infer_finetuning.py"
         )
@@ -234,7 +231,6 @@ def load_lora(
 
 def load_artifact(cfg: TaskConfig, artifact_dir: str | Path, device: str | None = None) -> ChatEngine:
     """Whatever a training run produced: an adapter (load_lora) or a model / prefix (load_finetuned)."""
-    method = read_run_config(artifact_dir).get("method")
-    if method in PEFT_METHODS:
-        return load_lora(cfg, artifact_dir, device)
-    return load_finetuned(cfg, artifact_dir, device)
+    method = tuning_method(read_run_config(artifact_dir).get("method"), Path(artifact_dir) / HPARAMS_FILE)
+    load = load_lora if method.loader == "lora" else load_finetuned
+    return load(cfg, artifact_dir, device)

@@ -17,8 +17,11 @@ import yaml
 from torch import nn
 
 from glmtune.config import ConfigError
-from glmtune.inference.artifacts import HPARAMS_FILE
 from glmtune.inference.engine import ChatEngine
+from glmtune.training.registry import HPARAMS_FILE, tuning_method
+
+# A merged folder is a complete model whose every weight could have been tuned: what a `full` run saves.
+MERGED_METHOD = "full"
 
 
 class MergeError(ConfigError):
@@ -64,7 +67,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
 
 def merged_run_config(run_config: dict[str, Any], out: Path) -> dict[str, Any]:
     """The adapter's run config, now describing a self-contained model folder (method "full", no tiny build)."""
-    config = {**run_config, "method": "full"}
+    config = {**run_config, "method": MERGED_METHOD}
     config["model"] = {**run_config.get("model", {}), "path": str(out), "tiny": None, "quantization_bit": 0}
     return config
 
@@ -82,6 +85,8 @@ def merge_and_save(
     from glmtune.models.saving import save_model
 
     out = Path(out)
+    if run_config is not None and not tuning_method(run_config.get("method"), HPARAMS_FILE).mergeable:
+        raise MergeError(f"a {run_config['method']} result has no adapter to merge into its base weights")
     check_merge_target(out)
     merged = merge_adapter(engine.model)
     save_model(merged, out)

@@ -1,4 +1,4 @@
-"""infer_api.py's flags, which loader a checkpoint needs, and running the server with uvicorn."""
+"""infer_api.py's flags, loading what it serves, and running the server with uvicorn."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ from typing import Literal
 from jsonargparse import ActionYesNo, ArgumentParser
 
 from glmtune.config import ConfigError, TaskConfig, build_parser, parse_args, resolve_path
-from glmtune.inference.artifacts import load_base, load_finetuned, load_lora, read_run_config
+from glmtune.inference.artifacts import load_artifact, load_base, load_finetuned, load_lora, read_run_config
 from glmtune.inference.cli import exits_on_user_error
 from glmtune.inference.engine import ChatEngine
-from glmtune.training.methods import PEFT_METHODS
+from glmtune.training.registry import HPARAMS_FILE, tuning_method
 
 ModelKind = Literal["auto", "base", "finetuned", "lora"]
-FINETUNED_METHODS = ("full", "freeze", "ptv2")
 API_KEY_ENV = "GLMTUNE_API_KEY"
 
 
@@ -71,26 +70,22 @@ def detect_model_kind(checkpoint: str | Path | None) -> Literal["base", "finetun
     """The loader a checkpoint needs, from the method in its hyperparameters.yaml."""
     if checkpoint is None:
         return "base"
-
     path = Path(checkpoint)
-    if not (path / "hyperparameters.yaml").is_file() and (path / "config.json").is_file():
+    if not (path / HPARAMS_FILE).is_file() and (path / "config.json").is_file():
         raise ConfigError(
-            f"{path}: a model folder without hyperparameters.yaml (not a training artifact); "
+            f"{path}: a model folder without {HPARAMS_FILE} (not a training artifact); "
             "serve a complete model folder (e.g. a merged one) with --model.path instead"
         )
-    method = read_run_config(path).get("method")
-    if method in PEFT_METHODS:
-        return "lora"
-    if method in FINETUNED_METHODS:
-        return "finetuned"
-    raise ConfigError(
-        f"{path / 'hyperparameters.yaml'}: method {method!r} is none of {PEFT_METHODS + FINETUNED_METHODS}"
-    )
+    return tuning_method(read_run_config(path).get("method"), path / HPARAMS_FILE).loader
 
 
 def load_engine(cfg: TaskConfig, kind: ModelKind, checkpoint: str | None, device: str | None) -> ChatEngine:
+    """The base model, or the artifact at `checkpoint` loaded as its run's method says (an explicit
+    --model_kind insists on its loader, which refuses an artifact of another kind)."""
     if kind == "auto":
         kind = detect_model_kind(checkpoint)
+        if kind != "base":
+            return load_artifact(cfg, checkpoint, device)
     if kind == "base":
         if checkpoint is not None:
             raise ConfigError(

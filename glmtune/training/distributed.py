@@ -23,7 +23,8 @@ from lightning.pytorch.plugins.precision import HalfPrecision
 from torch import nn
 
 from glmtune.config import ConfigError, TaskConfig, resolve_path
-from glmtune.training.methods import ADAPTER_METHODS, block_list, is_adapter_weight
+from glmtune.training.methods import block_list, is_adapter_weight
+from glmtune.training.registry import ADAPTER_METHODS
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 DEEPSPEED_PRESETS = {

@@ -1,8 +1,9 @@
-"""Tuning methods as wrappers around an unchanged backbone (STYLE.md, point 5).
+"""Applying a tuning method to an unchanged backbone, and saving what it trained.
 
 `full` and `freeze` only flip `requires_grad`; `ptv2` trains the prefix encoder the model was loaded with;
-`lora`, `adalora` and `ia3` wrap the model with PEFT. One predicate, `requires_grad`, decides what is
-trained, what an adapter checkpoint holds, and what the parameter count reports (STYLE.md, point 6).
+`lora`, `adalora` and `ia3` wrap the model with PEFT (glmtune.training.registry says which method is which).
+One predicate, `requires_grad`, decides what is trained, what an adapter checkpoint holds, and what the
+parameter count reports.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from torch import nn
 
 from glmtune.config import ConfigError, TaskConfig
 from glmtune.models.families import model_family
+from glmtune.training.registry import METHODS, PEFT_METHODS
 
 CHATGLM_LINEARS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 # PEFT's own ChatGLM default for IA3: rescale the attention output and the input of the down projection.
 CHATGLM_IA3_TARGETS = ["query_key_value", "dense_4h_to_h"]
 IA3_FEEDFORWARD = ("dense_4h_to_h", "down_proj", "fc2", "c_proj")
-PEFT_METHODS = ("lora", "adalora", "ia3")
-ADAPTER_METHODS = (*PEFT_METHODS, "ptv2")
 # Parameter-name pieces of the small weights a method adds; they stay fp32 whatever the base dtype.
 ADAPTER_WEIGHT_MARKERS = ("lora_", "ia3_", "prefix_encoder.")
 
@@ -64,7 +64,7 @@ def check_method(cfg: TaskConfig) -> None:
     quantized = (
         f"model.quantization_bit={int_bits}" if int_bits else f"model.quantization={cfg.model.quantization}"
     )
-    if (int_bits or bnb) and method in ("full", "freeze"):
+    if (int_bits or bnb) and METHODS[method].trains_base_weights:
         raise ConfigError(
             f"method {method!r} trains the block weights, which {quantized} stores as integers: use lora or ptv2 "
             "on a quantized model, or load it in float (quantization_bit: 0, quantization: none)"
@@ -258,9 +258,10 @@ def save_artifact(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if method in PEFT_METHODS:
+    artifact = METHODS[method].artifact
+    if artifact == "adapter":
         model.save_pretrained(str(folder), state_dict=dict(state_dict) if state_dict is not None else None)
-    elif method == "ptv2":
+    elif artifact == "prefix":
         # The published P-Tuning scripts save only transformer.prefix_encoder.* in pytorch_model.bin.
         source = state_dict if state_dict is not None else model.state_dict()
         state = {k: v.detach().cpu().float().clone() for k, v in source.items() if "prefix_encoder." in k}

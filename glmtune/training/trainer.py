@@ -43,8 +43,7 @@ from glmtune.training.methods import (
     save_artifact,
 )
 from glmtune.training.module import CausalLMModule, check_optimizer, steps_per_epoch
-
-HPARAMS_FILE = "hyperparameters.yaml"
+from glmtune.training.registry import HPARAMS_FILE
 # glmtune.models.losses: tokens scored per chunk of the output layer. A chunk's fp32 logits and their
 # gradient are its peak extra memory: ~0.6 GiB at a 65k vocabulary; the chunk's GEMM is still large.
 LOSS_CHUNK_TOKENS = 1024

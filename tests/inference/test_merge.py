@@ -144,3 +144,10 @@ def test_merge_writes_transformers_format_for_other_models(tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
     assert AutoTokenizer.from_pretrained(out).encode(text) == tokenizer.encode(text)
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "ptv2"])
+def test_merge_refuses_a_run_without_an_adapter(method, tmp_path):
+    with pytest.raises(MergeError, match=f"a {method} result has no adapter to merge"):
+        merge_and_save(None, tmp_path / "out", run_config={"method": method})
+    assert not (tmp_path / "out").exists()
