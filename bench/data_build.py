@@ -39,10 +39,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from glmtune.data.build import LengthSettings, build_records, build_samples, fit_length  # noqa: E402
+from glmtune.data.build import build_records  # noqa: E402
+from glmtune.data.fitting import fit_length  # noqa: E402
 from glmtune.data.prepare import make_template  # noqa: E402
 from glmtune.data.readers import Dialogue, iter_dialogues  # noqa: E402
 from glmtune.data.records import open_reader  # noqa: E402
+from glmtune.data.samples import build_samples  # noqa: E402
+from glmtune.data.settings import BuildSettings, LengthSettings  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "chatglm-reference" / "chatglm2-6b-tiny"
 MAX_SEQ_LENGTH = 1024
@@ -178,10 +181,12 @@ import json, resource, sys, functools
 sys.path.insert(0, {repo!r})
 from glmtune.data.build import build_records
 from glmtune.data.prepare import make_template
+from glmtune.data.settings import BuildSettings
 factory = functools.partial(make_template, {tokenizer!r}, "chatglm2", "chatglm2")
-report = build_records({data!r}, out_dir={out!r}, template_factory=factory, tokenizer_fingerprint="bench",
-                       max_seq_length={max_len}, backend="lmdb", num_workers={procs},
-                       progress=False, verbose=False)
+settings = BuildSettings({data!r}, out_dir={out!r}, max_seq_length={max_len}, backend="lmdb",
+                         num_workers={procs})
+report = build_records(settings, template_factory=factory, tokenizer_fingerprint="bench", progress=False,
+                       verbose=False)
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
 print(json.dumps({{
     "self_kib": int(status["VmHWM"].split()[0]),
@@ -247,15 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         def glmtune_build(run: int):
+            wanted = BuildSettings(
+                data, out_dir=tmp / f"records-{run}", max_seq_length=MAX_SEQ_LENGTH, num_workers=args.procs
+            )
             return build_records(
-                data,
-                out_dir=tmp / f"records-{run}",
-                template_factory=factory,
-                tokenizer_fingerprint="bench",
-                max_seq_length=MAX_SEQ_LENGTH,
-                num_workers=args.procs,
-                progress=False,
-                verbose=False,
+                wanted, template_factory=factory, tokenizer_fingerprint="bench", progress=False, verbose=False
             )
 
         peers = {

@@ -29,8 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glmtune.config import TrainArgs  # noqa: E402
-from glmtune.data.build import Packer  # noqa: E402
-from glmtune.data.dataset import IGNORE_INDEX, Collator  # noqa: E402
+from glmtune.data.dataset import Collator  # noqa: E402
+from glmtune.data.packing import Packer  # noqa: E402
+from glmtune.data.samples import IGNORE_INDEX  # noqa: E402
 from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration  # noqa: E402
 from glmtune.training.module import CausalLMModule  # noqa: E402
 

@@ -147,14 +147,7 @@ class DataArgs:
     on_error: Literal["raise", "skip"] = "raise"
     output_dir: str = "output/records"
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.eval_ratio < 1.0:
-            raise ConfigError(f"data.eval_ratio must be in [0, 1), got {self.eval_ratio}")
-        if self.eval_ratio and self.eval_files:
-            raise ConfigError(
-                "data.eval_ratio and data.eval_files both given: set data.eval_files to [] to split the "
-                "training data, or data.eval_ratio to 0"
-            )
+    # The values are checked where they become the build's settings (glmtune.data.prepare.build_settings).
 
 
 @dataclass

@@ -13,11 +13,10 @@ import torch
 from torch.utils.data import Dataset
 
 from glmtune.data.records import RecordReader, open_reader, read_meta
+from glmtune.data.samples import IGNORE_INDEX
 from glmtune.models.packing import block_causal_mask, cu_seqlens
 
-IGNORE_INDEX = -100
-
-__all__ = ["IGNORE_INDEX", "Collator", "RecordDataset", "block_causal_mask", "collate_fn", "cu_seqlens"]
+__all__ = ["Collator", "RecordDataset", "block_causal_mask", "collate_fn", "cu_seqlens"]
 
 
 class RecordDataset(Dataset):

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from glmtune.config import ConfigError, TaskConfig, check_data_files, resolve_path
-from glmtune.data.build import BuildReport, SettingsError, build_records
+from glmtune.config import ConfigError, DataArgs, TaskConfig, check_data_files, resolve_path
+from glmtune.data.build import build_records
+from glmtune.data.report import BuildReport
+from glmtune.data.settings import BuildSettings, SettingsError
 from glmtune.models.families import resolve_family
 
 TOKENIZER_FILES = (
@@ -27,11 +29,19 @@ TOKENIZER_FILES = (
 FAMILY_TEMPLATES = {"chatglm": "chatglm", "chatglm2": "chatglm2", "chatglm3": "chatglm3"}
 
 
+# The `data:` keys that are not build settings of the same name: `template` is resolved to the template itself,
+# `output_dir` is the settings' `out_dir`.
+NOT_BUILD_SETTINGS = ("template", "output_dir")
+
+
 @dataclass
 class PreparedData:
+    """The records a config asked for, and what training needs to read them."""
+
     tokenizer: object
     template_name: str
     report: BuildReport
+    settings: BuildSettings
 
     @property
     def train_path(self) -> Path:
@@ -40,6 +50,29 @@ class PreparedData:
     @property
     def eval_path(self) -> Path | None:
         return self.report.eval_dir
+
+    @property
+    def eval_source(self) -> str:
+        """The `data:` key the eval records come from, for messages."""
+        if self.settings.eval_files:
+            return "data.eval_files"
+        return f"data.eval_ratio={self.settings.eval_ratio}"
+
+
+def build_settings(data: DataArgs, train_files: list[Path], eval_files: list[Path]) -> BuildSettings:
+    """The one place the `data:` keys become the build's settings: every key but NOT_BUILD_SETTINGS is a
+    `BuildSettings` field of the same name. A bad value is a ConfigError naming its key."""
+    keys = {f.name for f in fields(DataArgs)} - set(NOT_BUILD_SETTINGS)
+    same = {f.name: getattr(data, f.name) for f in fields(BuildSettings) if f.name in keys}
+    same.update(train_files=train_files, eval_files=eval_files)
+    try:
+        return BuildSettings(**same, out_dir=data.output_dir)
+    except SettingsError as err:
+        raise ConfigError(config_problems(err)) from err
+
+
+def config_problems(err: SettingsError) -> str:
+    return "; ".join(f"data.{problem}" for problem in err.problems)
 
 
 def template_name(cfg: TaskConfig, family: str) -> str:
@@ -81,42 +114,20 @@ def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = Tr
 
     train_files = check_data_files(cfg.data.train_files, "data.train_files")
     eval_files = check_data_files(cfg.data.eval_files, "data.eval_files")
+    settings = build_settings(cfg.data, train_files, eval_files)
     model_path = ensure_model(cfg.model.path, cfg.model.tiny)
     family = resolve_family(resolve_path(cfg.model.path), cfg.model.family)
     name = template_name(cfg, family)
-    d = cfg.data
     factory = functools.partial(make_template, str(model_path), family, name, cfg.model.trust_remote_code)
     template = factory()
-    if d.multi_turn == "dialogue" and template.dialogue_unsupported:
-        raise ConfigError(
-            f"data.multi_turn: dialogue is not possible with template {name!r}: "
-            f"{template.dialogue_unsupported}"
-        )
     try:
         report = build_records(
-            [str(f) for f in train_files],
-            out_dir=d.output_dir,
+            settings,
             template_factory=factory,
             tokenizer_fingerprint=f"{name}:{tokenizer_fingerprint(model_path)}",
-            format=d.format,
-            max_seq_length=d.max_seq_length,
-            max_target_length=d.max_target_length,
-            strategy=d.strategy,
-            stride=d.stride,
-            ensure_answer_min_length=d.ensure_answer_min_length,
-            truncate_side=d.truncate_side,
-            multi_turn=d.multi_turn,
-            packing=d.packing,
-            backend=d.backend,
-            num_workers=d.num_workers,
-            shuffle=d.shuffle,
-            seed=d.seed,
-            on_error=d.on_error,
-            eval_files=[str(f) for f in eval_files] or None,
-            eval_ratio=d.eval_ratio,
             force=force,
             progress=progress,
         )
-    except SettingsError as err:  # the data.* keys of the same names
-        raise ConfigError(f"data: {err}") from err
-    return PreparedData(tokenizer=template.tokenizer, template_name=name, report=report)
+    except SettingsError as err:  # the template's protected tokens leave no room, or it has no dialogue mode
+        raise ConfigError(config_problems(err)) from err
+    return PreparedData(tokenizer=template.tokenizer, template_name=name, report=report, settings=settings)

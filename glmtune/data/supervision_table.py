@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from glmtune.data.build import IGNORE_INDEX
 from glmtune.data.records import open_reader
+from glmtune.data.samples import IGNORE_INDEX
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:

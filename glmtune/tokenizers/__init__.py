@@ -3,7 +3,6 @@
 from glmtune.tokenizers.chatglm import ChatGLMTokenizer
 from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer, ChatGLM3Tokenizer
 from glmtune.tokenizers.prompts import (
-    IGNORE_INDEX,
     TEMPLATES,
     ChatPrompt,
     ChatTemplate,
@@ -13,7 +12,6 @@ from glmtune.tokenizers.prompts import (
 from glmtune.tokenizers.train_spm import train_chatglm2_tokenizer
 
 __all__ = [
-    "IGNORE_INDEX",
     "TEMPLATES",
     "ChatGLM2Tokenizer",
     "ChatGLM3Tokenizer",

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+from glmtune.data.samples import IGNORE_INDEX
 
 History = Sequence[Sequence[str] | Mapping[str, Any]]
 Parts = list[tuple[str, bool]]  # prompt text in pieces; True marks an (earlier) answer to supervise

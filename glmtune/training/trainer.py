@@ -44,6 +44,7 @@ from glmtune.training.methods import (
 )
 from glmtune.training.module import CausalLMModule, check_optimizer, steps_per_epoch
 from glmtune.training.registry import HPARAMS_FILE
+
 # glmtune.models.losses: tokens scored per chunk of the output layer. A chunk's fp32 logits and their
 # gradient are its peak extra memory: ~0.6 GiB at a 65k vocabulary; the chunk's GEMM is still large.
 LOSS_CHUNK_TOKENS = 1024
@@ -358,8 +359,9 @@ def _data(cfg: TaskConfig):
         raise ConfigError("data.train_files: no training samples were built (all dropped or empty)")
     eval_set = RecordDataset(records.eval_path) if records.eval_path else None
     if eval_set is not None and len(eval_set) == 0:
-        source = "data.eval_files" if cfg.data.eval_files else f"data.eval_ratio={cfg.data.eval_ratio}"
-        raise ConfigError(f"{source}: no evaluation samples were built (all dropped, empty, or none drawn)")
+        raise ConfigError(
+            f"{records.eval_source}: no evaluation samples were built (all dropped, empty, or none drawn)"
+        )
     collate = collate_fn(pad_token_id=records.tokenizer.pad_token_id)
     workers = cfg.train.dataloader_workers
     train_loader = ResumableDataLoader(

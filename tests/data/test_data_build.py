@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glmtune.data.build import build_records, build_records_cli, template_fingerprint
+from glmtune.data.build import build_records, build_records_cli
 from glmtune.data.readers import DataError
 from glmtune.data.records import open_reader
+from glmtune.data.samples import template_fingerprint
+from glmtune.data.settings import BuildSettings, SettingsError
 from tests.data.test_data_fakes import (
     IGNORE,
     CharTemplate,
     SystemCharTemplate,
     TurnOnlyTemplate,
+    build_with,
     decode,
     make_char_template,
 )
@@ -45,7 +48,7 @@ def build(tmp_path, files, **kwargs):
         progress=False,
     )
     options.update(kwargs)
-    return build_records(files, **options)
+    return build_with(files, **options)
 
 
 def all_records(path) -> list[tuple[list[int], list[int]]]:
@@ -252,14 +255,10 @@ def test_bad_record_raises_and_writes_nothing(tmp_path):
     assert not (tmp_path / "records").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".records")] == [".records.lock"]
     # the CLI wrapper: exit status 1 and the message on stderr
-    options = dict(
-        out_dir=tmp_path / "records",
-        template=CharTemplate(),
-        tokenizer_fingerprint="c",
-        max_seq_length=64,
-        progress=False,
+    settings = BuildSettings(data, out_dir=tmp_path / "records", max_seq_length=64)
+    assert (
+        build_records_cli(settings, template=CharTemplate(), tokenizer_fingerprint="c", progress=False) == 1
     )
-    assert build_records_cli(files=data, **options) == 1
 
 
 def test_previous_records_survive_a_failed_rebuild(tmp_path):
@@ -295,14 +294,21 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
     assert (tmp_path / "records" / "precious.txt").read_text() == "keep me"
 
 
-def test_argument_problems_reported_together(tmp_path):
-    with pytest.raises(ValueError, match="exactly one of template.*on_error.*not found"):
-        build_records(
+def test_setting_problems_reported_together(tmp_path):
+    with pytest.raises(SettingsError, match="on_error.*eval_ratio.*not found.*stride"):
+        BuildSettings(
             tmp_path / "missing.jsonl",
             out_dir=tmp_path / "r",
-            tokenizer_fingerprint="x",
             max_seq_length=8,
             on_error="ignore",
+            eval_ratio=1.5,
+            strategy="slide",
+            stride=9,
+        )
+    data = write_jsonl(tmp_path / "train.jsonl", 2)
+    with pytest.raises(TypeError, match="exactly one of template"):
+        build_records(
+            BuildSettings(data, out_dir=tmp_path / "r", max_seq_length=8), tokenizer_fingerprint="x"
         )
 
 
@@ -311,8 +317,9 @@ import sys
 sys.path.insert(0, {here!r})
 from tests.data.test_data_fakes import CharTemplate
 from glmtune.data.build import build_records
-build_records({data!r}, out_dir={out!r}, template=CharTemplate(), tokenizer_fingerprint="char",
-              max_seq_length=64, progress=False, chunk_size=16)
+from glmtune.data.settings import BuildSettings
+settings = BuildSettings({data!r}, out_dir={out!r}, max_seq_length=64, chunk_size=16)
+build_records(settings, template=CharTemplate(), tokenizer_fingerprint="char", progress=False)
 """
 
 

@@ -132,7 +132,7 @@ def test_a_max_seq_length_with_no_room_for_an_answer_is_an_error(data_utils, ref
     data = write_lines(tmp_path / "train.jsonl", [GOOD])
     assert data_utils.main(argv(reference_dir, data, tmp_path / "records", "--data.max_seq_length", "6")) == 1
     [error] = capsys.readouterr().err.splitlines()
-    assert error.startswith("error: data: max_seq_length=6 leaves no room for an answer")
+    assert error.startswith("error: data.max_seq_length=6 leaves no room for an answer")
 
 
 # ------------------------------------------------------------------------------------------------ --inspect

@@ -5,9 +5,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from glmtune.data.build import build_records
 from glmtune.data.dataset import RecordDataset, block_causal_mask, collate_fn
-from tests.data.test_data_fakes import IGNORE, CharTemplate
+from tests.data.test_data_fakes import IGNORE, CharTemplate, build_with
 
 
 @pytest.fixture(scope="module", params=["record", "lmdb"])
@@ -24,8 +23,8 @@ def built(tmp_path_factory, request):
         verbose=False,
         backend=request.param,
     )
-    plain = build_records(data, out_dir=tmp / "plain", **options)
-    packed = build_records(data, out_dir=tmp / "packed", packing=True, **options)
+    plain = build_with(data, out_dir=tmp / "plain", **options)
+    packed = build_with(data, out_dir=tmp / "packed", packing=True, **options)
     return plain, packed
 
 

@@ -8,8 +8,15 @@ every other id is a character's code point. Prompt text: "Q:{q}\\nA:{a}\\n" per 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from glmtune.data.build import build_records
+from glmtune.data.report import BuildReport
+from glmtune.data.settings import BuildSettings
 
 IGNORE = -100
+# build_records' own arguments; every other option of `build_with` is a BuildSettings field.
+RUN_OPTIONS = ("template", "template_factory", "tokenizer_fingerprint", "force", "progress", "verbose")
 PREFIX = [1, 2]
 EOS = 3
 
@@ -65,6 +72,12 @@ class TurnOnlyTemplate:
 
     def build_train_sample(self, query, response, history=None):
         return CharTemplate().build_train_sample(query, response, history)
+
+
+def build_with(files: Any, **options: Any) -> BuildReport:
+    """build_records with the settings and the run's options given together, as the tests write them."""
+    run = {name: options.pop(name) for name in RUN_OPTIONS if name in options}
+    return build_records(BuildSettings(files, **options), **run)
 
 
 def make_char_template() -> CharTemplate:

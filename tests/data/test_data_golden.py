@@ -7,17 +7,26 @@ must reproduce both token for token.
 
 import functools
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from glmtune import load_tokenizer
 from glmtune.config import ConfigError, DataArgs, ModelArgs, TaskConfig
-from glmtune.data.build import build_records
-from glmtune.data.prepare import FAMILY_TEMPLATES, make_template, prepare_records
+from glmtune.data.prepare import (
+    FAMILY_TEMPLATES,
+    NOT_BUILD_SETTINGS,
+    build_settings,
+    make_template,
+    prepare_records,
+)
 from glmtune.data.records import open_reader
+from glmtune.data.samples import IGNORE_INDEX
+from glmtune.data.settings import BuildSettings
 from glmtune.models.families import detect_family
-from glmtune.tokenizers.prompts import IGNORE_INDEX, get_template
+from glmtune.tokenizers.prompts import get_template
+from tests.data.test_data_fakes import build_with
 
 FOLDERS = {"v1": "chatglm-6b-tiny", "v2": "chatglm2-6b-tiny", "v3": "chatglm3-6b-tiny"}
 # The reference train_sample of ChatGLM3 is its plain format; its chat() uses role tokens ("chatglm3").
@@ -51,7 +60,7 @@ def write_paragraphs(path: Path, dialogues: list[list[tuple[str, str]]]) -> Path
 def build(tmp_path, data, template, name="records", **kwargs) -> list[tuple[list[int], list[int]]]:
     options = dict(tokenizer_fingerprint="reference", max_seq_length=1024, progress=False, verbose=False)
     options.update(kwargs)
-    report = build_records(data, out_dir=tmp_path / name, template=template, **options)
+    report = build_with(data, out_dir=tmp_path / name, template=template, **options)
     reader = open_reader(report.train_dir)
     return [(r["input_ids"].tolist(), r["labels"].tolist()) for r in (reader[i] for i in range(len(reader)))]
 
@@ -218,8 +227,16 @@ def test_prepare_records_refuses_dialogue_mode_for_chatglm_6b(tmp_path, referenc
         prepare_records(cfg, progress=False)
 
 
-def test_data_config_checks():
-    with pytest.raises(ConfigError, match="eval_ratio"):
-        DataArgs(eval_ratio=1.5)
-    with pytest.raises(ConfigError, match="eval_files"):
-        DataArgs(eval_ratio=0.1, eval_files=["dev.json"])
+def test_data_keys_checked_where_they_become_build_settings(tmp_path, reference_dir):
+    data = write_paragraphs(tmp_path / "train.jsonl", [[("a", "b")]])
+    cfg = task(reference_dir, tmp_path, FOLDERS["v2"], data, eval_ratio=1.5, strategy="cut")
+    with pytest.raises(ConfigError, match=r"data\.eval_ratio must be in \[0, 1\).*; data\.strategy must be"):
+        prepare_records(cfg, progress=False)
+    with pytest.raises(ConfigError, match="data.eval_ratio and eval_files both given"):
+        build_settings(DataArgs(eval_ratio=0.1), [data], [data])
+
+
+def test_every_data_key_is_a_build_setting():
+    """A `data:` key the build settings do not have would silently do nothing."""
+    keys = {f.name for f in fields(DataArgs)} - set(NOT_BUILD_SETTINGS)
+    assert keys <= {f.name for f in fields(BuildSettings)}

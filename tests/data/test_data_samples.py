@@ -5,17 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmtune.data.build import (
-    LengthSettings,
-    Packer,
-    answer_header_length,
-    build_samples,
-    fit_length,
-    pack_record,
-    supervised_spans,
-)
 from glmtune.data.dataset import block_causal_mask, cu_seqlens
+from glmtune.data.fitting import fit_length
+from glmtune.data.packing import Packer, pack_record
 from glmtune.data.readers import Dialogue
+from glmtune.data.samples import answer_header_length, build_samples, supervised_spans
+from glmtune.data.settings import LengthSettings
 from tests.data.test_data_fakes import (
     EOS,
     IGNORE,

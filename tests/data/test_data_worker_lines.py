@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from glmtune.data.build import LengthSettings, build_records, build_samples, fit_length
+from glmtune.data.fitting import fit_length
 from glmtune.data.readers import DataError, Dialogue, iter_dialogues, iter_line_chunks, parse_json_lines
 from glmtune.data.records import open_reader
-from tests.data.test_data_fakes import CharTemplate, encode, make_char_template
+from glmtune.data.samples import build_samples
+from glmtune.data.settings import LengthSettings
+from tests.data.test_data_fakes import CharTemplate, build_with, encode, make_char_template
 
 BOM = b"\xef\xbb\xbf"
 
@@ -107,7 +109,7 @@ def build(tmp_path, name, files, **kwargs):
         progress=False,
         verbose=False,
     )
-    return build_records(files, **{**options, **kwargs})
+    return build_with(files, **{**options, **kwargs})
 
 
 @pytest.mark.parametrize(

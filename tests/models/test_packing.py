@@ -14,8 +14,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from glmtune.data.build import pack_record
 from glmtune.data.dataset import Collator
+from glmtune.data.packing import pack_record
 from glmtune.data.prepare import FAMILY_TEMPLATES
 from glmtune.models.families import detect_family
 from glmtune.models.loading import load_model, load_tokenizer
