@@ -15,6 +15,7 @@ from glmtune.data.build import build_records
 from glmtune.data.report import BuildReport
 from glmtune.data.settings import BuildSettings, SettingsError
 from glmtune.models.families import resolve_family
+from glmtune.tokenizers.template_choice import resolve_template_name
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -25,8 +26,6 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
-# "chatglm3" is ChatGLM3's chat format (role tokens), so training sees the prompts chat() builds.
-FAMILY_TEMPLATES = {"chatglm": "chatglm", "chatglm2": "chatglm2", "chatglm3": "chatglm3"}
 
 
 # The `data:` keys that are not build settings of the same name: `template` is resolved to the template itself,
@@ -75,21 +74,6 @@ def config_problems(err: SettingsError) -> str:
     return "; ".join(f"data.{problem}" for problem in err.problems)
 
 
-def template_name(cfg: TaskConfig, family: str) -> str:
-    from glmtune.tokenizers.prompts import TEMPLATES
-
-    if cfg.data.template != "auto":
-        if cfg.data.template not in TEMPLATES:
-            raise ConfigError(
-                f"data.template: unknown template {cfg.data.template!r}; "
-                f"choose auto or one of {', '.join(TEMPLATES)}"
-            )
-        return cfg.data.template
-    if family not in FAMILY_TEMPLATES:
-        raise ConfigError("data.template: choose one (llama2, chatml, alpaca) for a non-ChatGLM model")
-    return FAMILY_TEMPLATES[family]
-
-
 def make_template(model_path: str, family: str, name: str, trust_remote_code: bool = False):
     """Picklable template factory: each tokenizer worker process loads its own copy."""
     from glmtune.models.loading import load_tokenizer
@@ -117,7 +101,7 @@ def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = Tr
     settings = build_settings(cfg.data, train_files, eval_files)
     model_path = ensure_model(cfg.model.path, cfg.model.tiny)
     family = resolve_family(resolve_path(cfg.model.path), cfg.model.family)
-    name = template_name(cfg, family)
+    name = resolve_template_name(cfg.data.template, family)
     factory = functools.partial(make_template, str(model_path), family, name, cfg.model.trust_remote_code)
     template = factory()
     try:

@@ -13,6 +13,8 @@ import yaml
 
 from glmtune.config import ConfigError, TaskConfig, resolve_path
 from glmtune.inference.engine import ChatEngine
+from glmtune.tokenizers.prompts import get_template
+from glmtune.tokenizers.template_choice import resolve_template_name
 from glmtune.training.registry import HPARAMS_FILE, METHODS, tuning_method
 
 
@@ -110,20 +112,13 @@ def _engine(
     The family is the loaded model's own (not `cfg.model.path`'s, which need not be the base of an artifact).
     The template is `data.template` when set, else the one the run was trained with, else the family's.
     """
-    from glmtune.data.prepare import FAMILY_TEMPLATES
     from glmtune.models.loading import load_tokenizer
-    from glmtune.tokenizers.prompts import TEMPLATES, get_template
 
     family = getattr(model, "glmtune_family", None) or "hf"
-    name = cfg.data.template
-    if name == "auto" and run is not None:
-        name = (run.get("data") or {}).get("template", "auto")
-    if name == "auto":
-        if family not in FAMILY_TEMPLATES:
-            raise ConfigError("data.template: choose one (llama2, chatml, alpaca) for a non-ChatGLM model")
-        name = FAMILY_TEMPLATES[family]
-    if name not in TEMPLATES:
-        raise ConfigError(f"data.template: unknown template {name!r}; known: {', '.join(TEMPLATES)}")
+    requested = cfg.data.template
+    if requested == "auto" and run is not None:
+        requested = (run.get("data") or {}).get("template", "auto")
+    name = resolve_template_name(requested, family)
     tokenizer = load_tokenizer(tokenizer_path, family=family, trust_remote_code=cfg.model.trust_remote_code)
     template = get_template(name, tokenizer)
     model.eval()

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from typing import TextIO
 
-from glmtune.inference.engine import ChatEngine, History
+from glmtune.inference.engine import ChatEngine, History, held_back
 
 COMMANDS_HELP = "commands: 'clear' starts a new conversation, 'exit' quits"
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many characters at the end of `text` could be the start of a stop string (not to be shown yet)."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if stop.startswith(text[len(text) - n :]):
-                longest = n
-                break
-    return longest
 
 
 def fit_history(engine: ChatEngine, query: str, history: History) -> History:

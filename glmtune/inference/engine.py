@@ -23,6 +23,21 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string (not to be shown yet).
+
+    A stream shows the answer so far; text that may turn out to begin a stop string waits until the next
+    tokens settle it, so a stop string never appears, streamed or not.
+    """
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[len(text) - n :]):
+                longest = n
+                break
+    return longest
+
+
 class Completion(NamedTuple):
     """One answer and what an API reports about it."""
 

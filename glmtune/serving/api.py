@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from glmtune.inference.engine import ChatEngine, Completion
+from glmtune.inference.engine import ChatEngine, Completion, held_back
 from glmtune.serving.limits import RequestError, answer_budget
 from glmtune.serving.schemas import (
     AssistantMessage,
@@ -155,15 +155,9 @@ class DeltaTracker:
         self.stops = [s for s in stops if s]
         self.sent = ""
 
-    def _held_tail(self, text: str) -> int:
-        for length in range(min(max((len(s) for s in self.stops), default=1) - 1, len(text)), 0, -1):
-            if any(s.startswith(text[-length:]) for s in self.stops):
-                return length
-        return 0
-
     def update(self, shown: str) -> str:
         text = shown.lstrip()
-        ready = text[: len(text) - self._held_tail(text)].rstrip()
+        ready = text[: len(text) - held_back(text, self.stops)].rstrip()
         if not ready.startswith(self.sent) or len(ready) <= len(self.sent):
             return ""
         delta, self.sent = ready[len(self.sent) :], ready

@@ -15,7 +15,6 @@ import pytest
 from glmtune import load_tokenizer
 from glmtune.config import ConfigError, DataArgs, ModelArgs, TaskConfig
 from glmtune.data.prepare import (
-    FAMILY_TEMPLATES,
     NOT_BUILD_SETTINGS,
     build_settings,
     make_template,
@@ -26,6 +25,7 @@ from glmtune.data.samples import IGNORE_INDEX
 from glmtune.data.settings import BuildSettings
 from glmtune.models.families import detect_family
 from glmtune.tokenizers.prompts import get_template
+from glmtune.tokenizers.template_choice import FAMILY_TEMPLATES
 from tests.data.test_data_fakes import build_with
 
 FOLDERS = {"v1": "chatglm-6b-tiny", "v2": "chatglm2-6b-tiny", "v3": "chatglm3-6b-tiny"}

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from glmtune.config import GenerationArgs
-from glmtune.inference.chat import fit_history, held_back, terminal_chat
-from glmtune.inference.engine import cut_at_stop
+from glmtune.inference.chat import fit_history, terminal_chat
+from glmtune.inference.engine import cut_at_stop, held_back
 from tests.inference.conftest import run_script
 
 Q1, Q2, Q3 = "山间茶舍几点开门？", "绿茶用多少度的水冲泡？", "「画蛇添足」是什么意思？"
