@@ -42,6 +42,7 @@ from glmtune.serving.schemas import (
     ModelList,
     Usage,
 )
+from glmtune.serving.web import mount_chat_ui
 
 log = logging.getLogger("glmtune.serving")
 
@@ -191,8 +192,21 @@ def create_app(
     app = FastAPI(title="glmtune API", description="ChatGLM-style and OpenAI-compatible chat on one model.")
     app.state.engine = engine
     app.state.model_name = model_name
-    created = int(time.time())
-    default_new_tokens = engine.generation.max_new_tokens
+    add_error_handlers(app)
+    add_info_routes(app, model_name)
+    add_chatglm_route(app, engine)
+    add_openai_chat_route(app, engine, model_name)
+    open_paths = OPEN_PATHS
+    if ui_path:
+        mount_chat_ui(app, engine, ui_path, title=f"glmtune chat: {model_name}", password=api_key)
+        open_paths = (*OPEN_PATHS, ui_path)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key, open_prefixes=open_paths)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error, ours, pydantic's or Starlette's, as an OpenAI-style error body naming what was wrong."""
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
@@ -214,11 +228,10 @@ def create_app(
             headers=getattr(err, "headers", None),
         )
 
-    async def prompt_length(query: str, history: list[tuple[str, str]], system: str | None) -> int:
-        try:
-            return len(await run_in_threadpool(engine.prompt_ids, query, history, system))
-        except ValueError as err:  # the template refuses the conversation (e.g. a role it cannot place)
-            raise RequestError(f"messages: {err}", param="messages") from err
+
+def add_info_routes(app: FastAPI, model_name: str) -> None:
+    """GET /health (open, for probes) and GET /v1/models."""
+    created = int(time.time())
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -228,11 +241,25 @@ def create_app(
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, created=created)])
 
+
+async def prompt_length(
+    engine: ChatEngine, query: str, history: list[tuple[str, str]], system: str | None
+) -> int:
+    try:
+        return len(await run_in_threadpool(engine.prompt_ids, query, history, system))
+    except ValueError as err:  # the template refuses the conversation (e.g. a role it cannot place)
+        raise RequestError(f"messages: {err}", param="messages") from err
+
+
+def add_chatglm_route(app: FastAPI, engine: ChatEngine) -> None:
+    """POST /, as THUDM ChatGLM's api.py: one answer with the updated history."""
+    default_new_tokens = engine.generation.max_new_tokens
+
     @app.post("/", response_model=ChatGLMResponse, responses=ERROR_RESPONSES)
     async def chatglm(body: ChatGLMRequest) -> ChatGLMResponse:
         """THUDM ChatGLM api.py: one answer with the updated history."""
         history = list(body.history or [])
-        prompt_tokens = await prompt_length(body.prompt, history, None)
+        prompt_tokens = await prompt_length(engine, body.prompt, history, None)
         budget = answer_budget(
             prompt_tokens, engine.context_length, default_new_tokens, max_length=body.max_length
         )
@@ -248,10 +275,15 @@ def create_app(
             time=datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
         )
 
+
+def add_openai_chat_route(app: FastAPI, engine: ChatEngine, model_name: str) -> None:
+    """POST /v1/chat/completions, OpenAI's chat API: one answer, or server-sent events with `stream`."""
+    default_new_tokens = engine.generation.max_new_tokens
+
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
         query, history, system = conversation(body.messages)
-        prompt_tokens = await prompt_length(query, history, system)
+        prompt_tokens = await prompt_length(engine, query, history, system)
         budget = answer_budget(
             prompt_tokens,
             engine.context_length,
@@ -262,9 +294,9 @@ def create_app(
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = sse_events(query, history, system, overrides, completion_id, include_usage)
+            stream = SSEStream(engine, model_name, completion_id, include_usage)
             return StreamingResponse(
-                events,
+                stream.events(query, history, system, overrides),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -283,43 +315,50 @@ def create_app(
             usage=usage(completion),
         )
 
-    def usage(completion: Completion) -> Usage:
-        return Usage(
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            total_tokens=completion.prompt_tokens + completion.completion_tokens,
-        )
 
-    def chunk(
-        completion_id: str, created: int, choices: list[ChunkChoice], usage_: Usage | None = None
-    ) -> str:
+def usage(completion: Completion) -> Usage:
+    return Usage(
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        total_tokens=completion.prompt_tokens + completion.completion_tokens,
+    )
+
+
+class SSEStream:
+    """One streamed chat completion as OpenAI server-sent events: a role chunk, content deltas, the finish
+    reason, optionally the usage, then `data: [DONE]`."""
+
+    def __init__(self, engine: ChatEngine, model_name: str, completion_id: str, include_usage: bool) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.completion_id = completion_id
+        self.include_usage = include_usage
+        self.created = int(time.time())  # one timestamp for every chunk of the completion, as OpenAI sends
+
+    def chunk(self, choices: list[ChunkChoice], usage_: Usage | None = None) -> str:
         body = ChatCompletionChunk(
-            id=completion_id,
+            id=self.completion_id,
             object="chat.completion.chunk",
-            created=created,
-            model=model_name,
+            created=self.created,
+            model=self.model_name,
             choices=choices,
         )
         if usage_ is not None:
             body.usage = usage_
         return f"data: {body.model_dump_json(exclude_unset=True)}\n\n"
 
-    async def sse_events(
-        query: str,
-        history: list[tuple[str, str]],
-        system: str | None,
-        overrides: dict,
-        completion_id: str,
-        include_usage: bool,
+    def content(self, text: str) -> str:
+        return self.chunk([ChunkChoice(index=0, delta=Delta(content=text), finish_reason=None)])
+
+    async def events(
+        self, query: str, history: list[tuple[str, str]], system: str | None, overrides: dict
     ) -> AsyncIterator[str]:
+        engine = self.engine
         stream = engine.stream_chat(query, history, system, **overrides)
-        created = int(time.time())  # one timestamp for every chunk of the completion, as OpenAI sends
         tracker = DeltaTracker(overrides.get("stop") or engine.generation.stop)
         try:
-            yield chunk(
-                completion_id,
-                created,
-                [ChunkChoice(index=0, delta=Delta(role="assistant", content=""), finish_reason=None)],
+            yield self.chunk(
+                [ChunkChoice(index=0, delta=Delta(role="assistant", content=""), finish_reason=None)]
             )
             while True:
                 finished, value = await run_in_threadpool(_step, stream)
@@ -327,43 +366,21 @@ def create_app(
                     break
                 delta = tracker.update(value)
                 if delta:
-                    yield chunk(
-                        completion_id,
-                        created,
-                        [ChunkChoice(index=0, delta=Delta(content=delta), finish_reason=None)],
-                    )
+                    yield self.content(delta)
             completion: Completion = value
             rest = tracker.finish(completion.text)
             if rest:
-                yield chunk(
-                    completion_id,
-                    created,
-                    [ChunkChoice(index=0, delta=Delta(content=rest), finish_reason=None)],
-                )
-            yield chunk(
-                completion_id,
-                created,
-                [ChunkChoice(index=0, delta=Delta(), finish_reason=completion.finish_reason)],
-            )
-            if include_usage:
-                yield chunk(completion_id, created, [], usage(completion))
+                yield self.content(rest)
+            yield self.chunk([ChunkChoice(index=0, delta=Delta(), finish_reason=completion.finish_reason)])
+            if self.include_usage:
+                yield self.chunk([], usage(completion))
             yield "data: [DONE]\n\n"
         except Exception as err:
             # The 200 status and earlier chunks are already sent: report in the stream, as OpenAI does.
-            log.exception("generation failed while streaming %s", completion_id)
+            log.exception("generation failed while streaming %s", self.completion_id)
             error = RequestError(f"generation failed: {err}", 500, kind="server_error")
             yield f"data: {json.dumps(error.body())}\n\n"
         finally:
             # Closing the generator stops generate() at its next token (client gone, or done anyway).
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(stream.close)
-
-    open_paths = OPEN_PATHS
-    if ui_path:
-        from glmtune.serving.web import mount_chat_ui
-
-        mount_chat_ui(app, engine, ui_path, title=f"glmtune chat: {model_name}", password=api_key)
-        open_paths = (*OPEN_PATHS, ui_path)
-    if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key, open_prefixes=open_paths)
-    return app
