@@ -19,6 +19,7 @@ setup(
         "lightning>=2.4",
         "jsonargparse[signatures]>=4.35",
         "sentencepiece>=0.2",
+        "tiktoken>=0.7",
         "safetensors>=0.4",
         "protobuf",
         "pyyaml",

@@ -1,7 +1,8 @@
-"""ChatGLM tokenizers (v1, v2, v3), chat prompt templates and a small SentencePiece trainer."""
+"""ChatGLM tokenizers (v1, v2, v3, GLM-4), chat prompt templates and a small SentencePiece trainer."""
 
 from glmtune.tokenizers.chatglm import ChatGLMTokenizer
 from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer, ChatGLM3Tokenizer
+from glmtune.tokenizers.glm4 import GLM4Tokenizer
 from glmtune.tokenizers.prompts import (
     TEMPLATES,
     ChatPrompt,
@@ -18,6 +19,7 @@ __all__ = [
     "ChatGLMTokenizer",
     "ChatPrompt",
     "ChatTemplate",
+    "GLM4Tokenizer",
     "TrainSample",
     "get_template",
     "train_chatglm2_tokenizer",

@@ -14,10 +14,10 @@ A template wraps a tokenizer and knows:
 - `protected_head` / `protected_tail`: how many prompt tokens at the start / end are structural (`[gMASK] sop`,
   bos, ...) and must survive truncation.
 
-ChatGLM templates ("chatglm", "chatglm2", "chatglm3", "chatglm3_plain") reproduce THUDM's code token for
-token; "llama2", "chatml" and "alpaca" work with any transformers tokenizer. `history` is a list of (query,
-response) pairs or of `{"role", "content"}` messages. Formats without a system slot (ChatGLM-6B, ChatGLM2)
-put `system` before the first query, on its own line.
+ChatGLM templates ("chatglm", "chatglm2", "chatglm3", "chatglm3_plain", "glm4", "glm4_per_message") reproduce
+THUDM's code token for token; "llama2", "chatml" and "alpaca" work with any transformers tokenizer. `history`
+is a list of (query, response) pairs or of `{"role", "content"}` messages. Formats without a system slot
+(ChatGLM-6B, ChatGLM2) put `system` before the first query, on its own line.
 """
 
 from __future__ import annotations
@@ -490,6 +490,51 @@ class ChatGLM3PlainTemplate(ChatGLM3Template):
     build_train_sample = ChatTemplate.build_train_sample
 
 
+class GLM4Template(ChatGLM3Template):
+    """GLM-4-9B-Chat: the published `chat_template` (ChatGLM3's messages after `[gMASK]<sop>`, each message one
+    text after its role token). Samples as THUDM's GLM-4 fine-tuning demo builds them: `\\n` + the answer
+    after `<|assistant|>`, then `<|user|>` to end it; with its `combine: true` the `\\n` is not supervised,
+    with `combine: false` ("glm4_per_message") it is. Dialogue samples label every earlier answer the same
+    way."""
+
+    name = "glm4"
+    label_newline: ClassVar[bool] = False  # the demo's `combine: false`
+
+    def labelled_prompt(
+        self, query: str, history: History | None = None, system: str | None = None
+    ) -> TrainSample:
+        ids, labels = super().labelled_prompt(query, history, system)
+        if not self.label_newline:  # the first token of each answer's text, its `\n`, is left out
+            assistant = self.tokenizer.get_command("<|assistant|>")
+            labels = [IGNORE_INDEX if i and ids[i - 1] == assistant else x for i, x in enumerate(labels)]
+        return TrainSample(ids, labels)
+
+    def build_train_sample(
+        self,
+        query: str,
+        response: str,
+        history: History | None = None,
+        system: str | None = None,
+        max_source_length: int | None = None,
+        max_target_length: int | None = None,
+    ) -> TrainSample:
+        prompt = self.build_chat_prompt(query, history, system).input_ids
+        target = self.encode("\n" + response)  # encoded as one text, as the chat template writes it
+        end = self.tokenizer.get_command("<|user|>")
+        ids, labels = self.sample(prompt, target, end, max_source_length, max_target_length)
+        kept = len(target) if max_target_length is None else min(len(target), max_target_length)
+        if kept and not self.label_newline:
+            labels[len(ids) - kept - 1] = IGNORE_INDEX  # the `\n` after <|assistant|>
+        return TrainSample(ids, labels)
+
+
+class GLM4PerMessageTemplate(GLM4Template):
+    """GLM-4-9B-Chat samples as the fine-tuning demo's `combine: false` labels them (the `\\n` too)."""
+
+    name = "glm4_per_message"
+    label_newline = True
+
+
 # --- other models --------------------------------------------------------------------------------------------
 
 
@@ -653,6 +698,8 @@ TEMPLATES: dict[str, type[ChatTemplate]] = {
         ChatGLM2Template,
         ChatGLM3Template,
         ChatGLM3PlainTemplate,
+        GLM4Template,
+        GLM4PerMessageTemplate,
         Llama2Template,
         ChatMLTemplate,
         AlpacaTemplate,
@@ -661,8 +708,8 @@ TEMPLATES: dict[str, type[ChatTemplate]] = {
 
 
 def get_template(name: str, tokenizer: PreTrainedTokenizerBase, **options: Any) -> ChatTemplate:
-    """The template `name` (see `TEMPLATES`: "chatglm", "chatglm2", "chatglm3", "chatglm3_plain", "llama2",
-    "chatml", "alpaca") bound to `tokenizer`.
+    """The template `name` (see `TEMPLATES`: "chatglm", "chatglm2", "chatglm3", "chatglm3_plain", "glm4",
+    "glm4_per_message", "llama2", "chatml", "alpaca") bound to `tokenizer`.
 
     `options` go to the template: `system` (a default system prompt) for llama2/chatml. "chatglm3" is the
     ChatGLM3 chat format (role tokens, what `chat()` uses), "chatglm3_plain" the plain format of the reference

@@ -195,6 +195,8 @@ def test_registry(tiny):
         "chatglm2",
         "chatglm3",
         "chatglm3_plain",
+        "glm4",
+        "glm4_per_message",
         "llama2",
         "chatml",
         "alpaca",
