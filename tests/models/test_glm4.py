@@ -1,0 +1,113 @@
+"""GLM-4-9B-Chat: glmtune's ChatGLM2 network (rotary base 10000 * rope_ratio) against the published code's
+golden outputs on glm-4-9b-chat-tiny, and generation stopping on any id of the config's eos list."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from glmtune.inference.engine import ChatEngine
+from glmtune.models.chatglm2 import ChatGLM2ForConditionalGeneration
+from glmtune.models.loading import load_model
+from glmtune.tokenizers.glm4 import GLM4Tokenizer
+from glmtune.tokenizers.prompts import get_template
+
+FOLDER = "glm-4-9b-chat-tiny"
+TOL = 1e-4  # max abs logits difference vs the published implementation
+EOS = [151329, 151336, 151338]  # <|endoftext|> <|user|> <|observation|>, the published config's list
+
+
+@pytest.fixture(scope="module")
+def golden(reference_dir):
+    return torch.load(reference_dir / FOLDER / "golden.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def model(reference_dir) -> ChatGLM2ForConditionalGeneration:
+    # The GLM-4 network is ChatGLM2/3's; its folder loads as that family until it has its own.
+    loaded = load_model(reference_dir / FOLDER, family="chatglm3", torch_dtype="float32")
+    assert type(loaded) is ChatGLM2ForConditionalGeneration
+    return loaded
+
+
+def max_diff_real(logits: torch.Tensor, expected: torch.Tensor, golden: dict) -> float:
+    """Max abs difference at the golden vocab columns and at real (not left-padding) positions."""
+    real = golden["batch"]["attention_mask"].bool()
+    return (logits[..., golden["vocab_index"]] - expected)[real].abs().max().item()
+
+
+def test_config_values_are_the_published_ones(model, reference_dir) -> None:
+    published = json.loads((reference_dir / FOLDER / "config.json").read_text())
+    assert model.config.rope_ratio == published["rope_ratio"] == 500
+    assert model.config.layernorm_epsilon == published["layernorm_epsilon"]
+    assert (
+        model.config.eos_token_id == model.generation_config.eos_token_id == published["eos_token_id"] == EOS
+    )
+    assert model.config.padded_vocab_size == 151552
+
+
+def test_logits_match_golden(model, golden) -> None:
+    with torch.no_grad():
+        logits = model(**golden["batch"]).logits
+    assert max_diff_real(logits, golden["logits"], golden) <= TOL
+    # the rotary base decides it: the same weights with rope_ratio 1 are far off
+    plain = ChatGLM2ForConditionalGeneration(
+        type(model.config)(**{**model.config.to_dict(), "rope_ratio": 1})
+    )
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert max_diff_real(plain.float().eval()(**golden["batch"]).logits, golden["logits"], golden) > 1e-3
+
+
+def test_train_loss_and_logits_match_golden(model, golden) -> None:
+    train = golden["train"]
+    with torch.no_grad():
+        out = model(input_ids=train["input_ids"], labels=train["labels"])
+    assert (out.loss - train["loss"]).abs().item() <= 1e-5
+    assert (out.logits[..., golden["vocab_index"]] - train["logits"]).abs().max().item() <= TOL
+
+
+def test_greedy_generate_matches_golden(model, golden) -> None:
+    out = model.generate(
+        **golden["batch"],
+        max_new_tokens=8,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, golden["generate"]["output_ids"])
+    steps = torch.stack(out.scores[:4])[..., golden["vocab_index"]]
+    assert (steps - golden["generate"]["step_logits"]).abs().max().item() <= TOL
+    assert not set(out.sequences[:, golden["batch"]["input_ids"].shape[1] :].flatten().tolist()) & set(EOS)
+
+
+def test_generate_stops_on_any_id_of_an_eos_list(model, golden) -> None:
+    """Each row stops at the first id of the list it emits and is padded after it; the other row goes on."""
+    batch, expected = golden["batch"], golden["generate"]["output_ids"]
+    start = batch["input_ids"].shape[1]
+    first, second = expected[0, start].item(), expected[1, start + 2].item()
+    assert first not in expected[1, start:].tolist() and second not in expected[0, start:].tolist()
+    out = model.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=[*EOS, first, second])
+    assert out[0, start:].tolist() == [first] + [151329] * 2  # padded (pad id) until the other row stops
+    assert out[1, start:].tolist() == expected[1, start : start + 3].tolist()
+
+
+def test_chat_engine_stops_on_the_templates_eos_list(model, reference_dir, monkeypatch) -> None:
+    tokenizer = GLM4Tokenizer.from_pretrained(str(reference_dir / FOLDER))
+    template = get_template("glm4", tokenizer)
+    engine = ChatEngine(model, tokenizer, template)
+    prompt = template.build_chat_prompt("你好").input_ids
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt) :]
+    assert engine._generate_kwargs({})["eos_token_id"] == EOS
+    done = engine.complete("你好", max_new_tokens=6)
+    assert done.finish_reason == "length"
+    assert done.text == tokenizer.decode(greedy.tolist(), skip_special_tokens=True).strip()
+    # an answer that reaches one of the list's ids ends there: make the model's 3rd token a stop id
+    stops = [*EOS, greedy[2].item()]
+    monkeypatch.setattr(type(template), "stop_token_ids", property(lambda self: stops))
+    done = engine.complete("你好", max_new_tokens=6)
+    assert done.finish_reason == "stop" and done.completion_tokens == 2
+    assert done.text == tokenizer.decode(greedy[:2].tolist(), skip_special_tokens=True).strip()
