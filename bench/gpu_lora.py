@@ -219,14 +219,17 @@ def run_peer(shapes, args, device, dtype, matmul, report=None) -> list[Result]:
     return results
 
 
-def plain_loop_steps(model, optimizer, make_batch, args, device) -> tuple[list[float], list[float]]:
-    """warmup + steps optimizer steps in a plain loop: the timed steps' seconds and losses."""
+def plain_loop_steps(
+    model, optimizer, make_batch, args, device, chunked: bool = False
+) -> tuple[list[float], list[float]]:
+    """warmup + steps optimizer steps in a plain loop: the timed steps' seconds and losses (`chunked`: glmtune's
+    training loss, else the model's own)."""
     times, losses = [], []
     for step in range(args.warmup + args.steps):
         batch = make_batch()
         sync(device)
         t0 = time.perf_counter()
-        loss = model(**batch).loss
+        loss = lm_loss(model, batch, chunked)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -291,7 +294,6 @@ def glmtune_lora_model(shape: dict, device, dtype, v1: bool = False, bits: int =
     from glmtune.config import LoraArgs, TaskConfig
     from glmtune.models import quantization
     from glmtune.training.methods import apply_method
-    from glmtune.training.trainer import LOSS_CHUNK_TOKENS
 
     if v1:
         from glmtune.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
@@ -307,10 +309,6 @@ def glmtune_lora_model(shape: dict, device, dtype, v1: bool = False, bits: int =
         with torch.device(device):
             model = ChatGLM2ForConditionalGeneration(config).to(dtype)
         model.glmtune_family = "chatglm2"
-    from models import ChatModel
-
-    if not ChatModel.uses_logits:
-        model.loss_chunk_size = LOSS_CHUNK_TOKENS  # as the trainer sets it
     if bits:
         quantization.quantize_model(model, bits)
     cfg = TaskConfig(method="lora", lora=LoraArgs(r=8, alpha=16, dropout=0.0))
@@ -354,6 +352,20 @@ def fit_steps(model, batch_size: int, seq: int, vocab: int, args, device) -> tup
     return timer.times[args.warmup :], timer.losses[args.warmup :]
 
 
+def lm_loss(model, batch: dict[str, torch.Tensor], chunked: bool) -> torch.Tensor:
+    """The training loss as glmtune's LightningModule computes it (chunked, from the last hidden state), or
+    the model's own from the fp32 logits of every position."""
+    from glmtune.models.losses import chunked_causal_lm_loss
+    from glmtune.training.module import LOSS_CHUNK_TOKENS
+
+    if not chunked:
+        return model(**batch).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    head = model.get_output_embeddings()
+    return chunked_causal_lm_loss(out.hidden_states[-1], head, batch["labels"], LOSS_CHUNK_TOKENS)
+
+
 def loss_parity(
     model, encoder, vocab: int, device, steps: int = 4, seq: int = 512, lr: float = 0.1
 ) -> tuple[list[float], list[float], float]:
@@ -361,23 +373,21 @@ def loss_parity(
     logits + every block recomputed): (optimised losses, unoptimised losses, relative difference of the first
     step's LoRA gradients). Plain SGD, whose steps are proportional to the gradients: Adam's first steps are
     ~lr * sign(gradient) and would turn rounding noise in near-zero gradients into full-size differences."""
-    inner = model.base_model.model
     trained = {k: v for k, v in model.named_parameters() if v.requires_grad}
     start = {k: v.detach().clone() for k, v in trained.items()}
     curves, first_grads = [], []
-    chunk_size = inner.loss_chunk_size
-    for chunk, recompute in ((chunk_size, 0), (0, None)):
+    for chunked, recompute in ((True, 0), (False, None)):
         with torch.no_grad():
             for k, v in trained.items():
                 v.copy_(start[k])
                 v.grad = None  # the Trainer leaves its last step's gradients behind
-        inner.loss_chunk_size, encoder.checkpoint_layers = chunk, recompute
+        encoder.checkpoint_layers = recompute
         optimizer = torch.optim.SGD(list(trained.values()), lr=lr)
         g = torch.Generator().manual_seed(1)
         losses = []
         for step in range(steps):
             ids = torch.randint(0, vocab, (1, seq), generator=g).to(device)
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = lm_loss(model, {"input_ids": ids, "labels": ids}, chunked)
             loss.backward()
             if step == 0:
                 first_grads.append(torch.cat([v.grad.float().flatten() for v in trained.values()]))
@@ -385,7 +395,6 @@ def loss_parity(
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         curves.append(losses)
-    inner.loss_chunk_size = chunk_size
     optimised, plain = first_grads
     grad_diff = float((optimised - plain).norm() / plain.norm().clamp_min(1e-30))
     return curves[0], curves[1], grad_diff
@@ -407,7 +416,7 @@ def profile_step(model, batch_size: int, seq: int, vocab: int, device, rows: int
 
     def step() -> None:
         batch = random_batch(batch_size, seq, vocab, device)
-        model(**batch).loss.backward()
+        lm_loss(model, batch, chunked=True).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -558,6 +567,7 @@ def run_v1_memory(args, device, dtype, matmul, report=None) -> list[Result]:
                 lambda ids=ids, labels=labels: {"input_ids": ids, "labels": labels},
                 args,
                 device,
+                chunked=True,
             )
             r.step_s = sorted(times)[len(times) // 2]
             r.tokens_per_s = seq / r.step_s

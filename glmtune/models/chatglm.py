@@ -26,7 +26,6 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
-from glmtune.models.losses import chunked_causal_lm_loss
 from glmtune.models.packing import refuse_cache, sample_starts
 from glmtune.models.saving import save_pretrained_published
 
@@ -525,10 +524,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = ChatGLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # > 0: with labels, compute the loss chunk by chunk (glmtune.models.losses) and return no logits; on
-        # 130k tokens of vocabulary full fp32 logits cost 0.5 MB a token. Off by default (forward returns
-        # logits as published); the trainer turns it on.
-        self.loss_chunk_size = 0
         self.post_init()
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: object) -> None:
@@ -578,12 +573,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             seq_ids=seq_ids,
         )
         hidden_states = outputs.last_hidden_state
-        if labels is not None and self.loss_chunk_size > 0:
-            loss = chunked_causal_lm_loss(hidden_states, self.lm_head, labels, self.loss_chunk_size)
-            output = CausalLMOutputWithPast(
-                loss=loss.to(hidden_states.dtype), logits=None, cache=outputs.cache
-            )
-            return output if return_dict else output.to_tuple()
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)

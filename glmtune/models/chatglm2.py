@@ -22,7 +22,6 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from glmtune.models.lean_ops import rms_norm, swiglu
-from glmtune.models.losses import chunked_causal_lm_loss
 from glmtune.models.packing import (
     PackedSpans,
     block_causal_mask,
@@ -348,10 +347,12 @@ class GLMTransformer(nn.Module):
                 hidden_states = layer(
                     hidden_states, attention_mask, rotary_pos_emb, prefix_key, prefix_value, cache
                 )
-        if all_hidden_states is not None:
-            all_hidden_states += (hidden_states,)
         if self.post_layer_norm:
             hidden_states = self.final_layernorm(hidden_states)
+        # The last entry is the final, normed output (the one the head reads), as in every transformers 5
+        # language model; the published code appended it before the norm.
+        if all_hidden_states is not None:
+            all_hidden_states += (hidden_states,)
         return hidden_states, all_hidden_states
 
 
@@ -574,9 +575,6 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
     def __init__(self, config: ChatGLM2Config) -> None:
         super().__init__(config)
         self.transformer = ChatGLM2Model(config)
-        # > 0: with labels, compute the loss chunk by chunk (glmtune.models.losses) and return no logits.
-        # Off by default so forward() returns logits as published; the trainer turns it on.
-        self.loss_chunk_size = 0
         self.post_init()
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: object) -> None:
@@ -630,13 +628,6 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
             seq_ids=seq_ids,
         )
         hidden_states = outputs.last_hidden_state
-        if labels is not None and self.loss_chunk_size > 0:
-            loss = chunked_causal_lm_loss(
-                hidden_states, self.transformer.output_layer, labels, self.loss_chunk_size
-            )
-            if not return_dict:
-                return (loss,)
-            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:

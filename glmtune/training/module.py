@@ -1,18 +1,18 @@
 """The LightningModule hosting a backbone with its tuning method.
 
-Train, validation and test all go through `model_step`: one model call (every batch key, no key/value cache)
-and then `loss(batch, outputs)`, the one method a subclass overrides (the task's `models.py` is the place).
-The call itself cannot be overridden, so the scripts, `Tuner` and the benchmarks all train the same path.
-Everything else here is the machinery every method shares: the non-finite loss guard, AdaLoRA's budget
-updates, optimizer and schedule, per-step seeding (exact resume) and checkpoints that hold only what trains.
+Train, validation and test all go through `model_step`: one model call (every batch key but the labels, no
+key/value cache), which returns the hidden states, and then `loss(batch, outputs)`, the one method a subclass
+overrides (the task's `models.py` is the place). The default loss is the next-token cross entropy, scored from
+the last hidden state through the output layer chunk by chunk (glmtune.models.losses). The call itself cannot
+be overridden, so the scripts, `Tuner` and the benchmarks all train the same path. Everything else here is the
+machinery every method shares: the non-finite loss guard, AdaLoRA's regulariser and budget updates, optimizer
+and schedule, per-step seeding (exact resume) and checkpoints that hold only what trains.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -20,7 +20,12 @@ import torch
 from torch import nn
 
 from glmtune.config import ConfigError, TrainArgs
+from glmtune.models.losses import chunked_causal_lm_loss
 from glmtune.training.distributed import is_mixed
+
+# Tokens the default loss scores at a time. A chunk's fp32 logits and their gradient are its peak extra
+# memory: ~0.6 GiB at a 65k vocabulary; the chunk's GEMM is still large.
+LOSS_CHUNK_TOKENS = 1024
 
 # Wrapper prefixes that FSDP / activation checkpointing insert into parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -43,8 +48,9 @@ def step_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
 
 
 class CausalLMModule(L.LightningModule):
-    # False: the model scores its labels itself, chunk by chunk, without materialising the full logits
-    # (outputs.logits is None). A `loss` that reads outputs.logits sets it to True.
+    # False: the model computes logits for the last position only (transformers' logits_to_keep=1) and the loss
+    # reads the hidden states. A `loss` that reads outputs.logits sets it to True: the model then returns the
+    # logits of every position (more memory).
     uses_logits: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -71,16 +77,23 @@ class CausalLMModule(L.LightningModule):
     # ---------------------------------------------------------------- steps
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Every key of the batch reaches the model: packed batches carry seq_ids and position_ids beside
-        # input_ids, attention_mask and labels. No key/value cache: a loss needs none, and under train.compile a
-        # cache object passed to every block would make each block's graph specialise on its cache layer and
-        # recompile, block after block.
-        return self.loss(batch, self.model(**batch, use_cache=False))
+        # Every key of the batch but the labels reaches the model: packed batches carry seq_ids and position_ids
+        # beside input_ids and attention_mask. The labels are the loss's to read; given to the model, it would
+        # score them against the logits it was asked not to compute. No key/value cache: a loss needs none, and
+        # under train.compile a cache object passed to every block would make each block's graph specialise on
+        # its cache layer and recompile, block after block.
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        outputs = self.model(
+            **inputs, use_cache=False, output_hidden_states=True, logits_to_keep=0 if self.uses_logits else 1
+        )
+        return self.loss(batch, outputs)
 
     def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
-        """The loss to minimise from the model's `outputs` on `batch` (default: the model's own mean token
-        cross entropy over labels != -100)."""
-        return outputs.loss
+        """The loss to minimise from the model's `outputs` on `batch`. Default: the mean next-token cross
+        entropy over labels != -100, from the last hidden state through the output layer, a chunk of tokens at
+        a time, so that the fp32 logits over the whole vocabulary never exist at once."""
+        head = self.model.get_output_embeddings()
+        return chunked_causal_lm_loss(outputs.hidden_states[-1], head, batch["labels"], LOSS_CHUNK_TOKENS)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout (LoRA, prefix, attention) draws from a generator reseeded per micro-batch and per rank:
@@ -89,6 +102,8 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self.model_step(batch)
+        if self.method == "adalora":
+            loss = loss + adalora_orthogonality_penalty(self.model)
         bad = not bool(torch.isfinite(loss.detach()).all())
         if self.trainer.world_size > 1:
             # Every rank must skip together, or the others would wait forever in the gradient all-reduce.
@@ -135,8 +150,9 @@ class CausalLMModule(L.LightningModule):
                 p.grad = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        with _without_adalora_regulariser(self.model if self.method == "adalora" else None):
-            loss = self.model_step(batch)
+        # The language-model loss alone (no AdaLoRA regulariser): comparable with the other methods and with
+        # the reloaded adapter.
+        loss = self.model_step(batch)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -203,19 +219,34 @@ class CausalLMModule(L.LightningModule):
         return result
 
 
-@contextlib.contextmanager
-def _without_adalora_regulariser(model: nn.Module | None) -> Iterator[None]:
-    """PEFT's AdaLoRA adds its orthogonality penalty to every loss the model returns; evaluation reports the
-    language-model loss alone, comparable with the other methods and with the reloaded adapter."""
-    if model is None:
-        yield
-        return
-    config = model.peft_config[model.base_model.trainable_adapter_name]
-    weight, config.orth_reg_weight = config.orth_reg_weight, 0.0
-    try:
-        yield
-    finally:
-        config.orth_reg_weight = weight
+def adalora_orthogonality_penalty(model: nn.Module) -> torch.Tensor | float:
+    """AdaLoRA's regulariser of the training loss: `orth_reg_weight` times the mean, over the adapter's A and B
+    matrices, of ||A A^T - I|| and ||B^T B - I|| (Frobenius), which keeps them near the orthogonal factors of
+    the SVD that AdaLoRA's rank budget prunes.
+
+    PEFT adds it inside AdaLoraModel.forward, to a loss the model computed from labels; the model here returns
+    hidden states and the loss is the module's, so it is added here, computed as PEFT computes it.
+    """
+    from peft.utils.integrations import gather_params_ctx
+
+    adapter = model.base_model.trainable_adapter_name
+    weight = model.peft_config[adapter].orth_reg_weight
+    if weight < 0:
+        raise ValueError("adalora.orth_reg_weight must be >= 0")
+    total: torch.Tensor | float = 0
+    count = 0
+    for name, p in model.base_model.model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and adapter in name:
+            if p.shape == torch.Size([0]):  # a ZeRO-3 shard: gathered for the product
+                with gather_params_ctx(p, fwd_module=model.base_model):
+                    covariance = p @ p.T if "lora_A" in name else p.T @ p
+            else:
+                covariance = p @ p.T if "lora_A" in name else p.T @ p
+            identity = torch.eye(*covariance.size(), out=torch.empty_like(covariance))
+            identity.requires_grad = False
+            count += 1
+            total += torch.norm(covariance - identity, p="fro")
+    return weight * (total / count) if count else 0.0
 
 
 def _adalora_state(model: nn.Module) -> dict[str, Any]:

@@ -45,10 +45,6 @@ from glmtune.training.methods import (
 from glmtune.training.module import CausalLMModule, check_optimizer, steps_per_epoch
 from glmtune.training.registry import HPARAMS_FILE
 
-# glmtune.models.losses: tokens scored per chunk of the output layer. A chunk's fp32 logits and their
-# gradient are its peak extra memory: ~0.6 GiB at a 65k vocabulary; the chunk's GEMM is still large.
-LOSS_CHUNK_TOKENS = 1024
-
 
 @dataclass
 class TrainResult:
@@ -406,9 +402,6 @@ def train(
     records, train_loader, eval_loader = _data(cfg)
     tokenizer = records.tokenizer
     model = load_for_method(cfg)
-    if hasattr(model, "loss_chunk_size") and not module_cls.uses_logits:
-        # Training needs only the loss: score supervised tokens chunk by chunk, no full fp32 logits.
-        model.loss_chunk_size = LOSS_CHUNK_TOKENS
     scorer = generation_eval(cfg, records)
     callbacks = [*(callbacks or []), *([scorer] if scorer else [])]
     has_eval = eval_loader is not None

@@ -1,7 +1,12 @@
-"""Chunked LM loss: the same loss and gradients as full fp32 logits, whatever the chunk size."""
+"""Chunked LM loss: the same loss and gradients as full fp32 logits, whatever the chunk size.
+
+The chunked loss reads the model's last hidden state (`output_hidden_states`, logits for the last position
+only), as glmtune.training.module.CausalLMModule.loss does; chunk 0 below is the model's own loss from the
+logits of every position, as published."""
 
 import pytest
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
 from glmtune.models.losses import chunked_causal_lm_loss
@@ -22,12 +27,26 @@ def tiny_model() -> ChatGLM2ForConditionalGeneration:
     return ChatGLM2ForConditionalGeneration(config).train()
 
 
+def lm_loss(model, chunk, ids, labels) -> torch.Tensor:
+    """Chunk 0: the model's own loss, from the logits of every position; else the chunked loss."""
+    if chunk == 0:
+        return model(input_ids=ids, labels=labels).loss
+    out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+    return chunked_causal_lm_loss(out.hidden_states[-1], model.get_output_embeddings(), labels, chunk)
+
+
 def loss_and_grads(model, chunk, ids, labels):
     model.zero_grad()
-    model.loss_chunk_size = chunk
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-    return out, out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss = lm_loss(model, chunk, ids, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_chunk_calls(head: torch.nn.Module) -> tuple[list[int], RemovableHandle]:
+    """Calls of `head` on a chunk of scored tokens ([n, h]), not the model's own call on [b, s, h]."""
+    calls: list[int] = []
+    handle = head.register_forward_hook(lambda _, args, __: calls.append(1) if args[0].dim() == 2 else None)
+    return calls, handle
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 4096])
@@ -37,9 +56,8 @@ def test_chunked_loss_equals_full_logits(chunk):
     labels = ids.clone()
     labels[:, :4] = -100
     labels[1, 9:] = -100  # padding at the end of one row
-    full_out, full, full_grads = loss_and_grads(model, 0, ids, labels)
-    chunked_out, chunked, grads = loss_and_grads(model, chunk, ids, labels)
-    assert full_out.logits is not None and chunked_out.logits is None
+    full, full_grads = loss_and_grads(model, 0, ids, labels)
+    chunked, grads = loss_and_grads(model, chunk, ids, labels)
     torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
     for name, grad in full_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -55,25 +73,24 @@ def test_no_supervised_token_gives_nan_like_mean_cross_entropy():
 def test_selective_checkpointing_keeps_loss_and_grads():
     model = tiny_model()
     ids = torch.randint(0, 211, (2, 11))
-    _, plain, plain_grads = loss_and_grads(model, 0, ids, ids)
+    plain, plain_grads = loss_and_grads(model, 0, ids, ids)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for recomputed in (0, 1, None):
         model.transformer.encoder.checkpoint_layers = recomputed
-        _, loss, grads = loss_and_grads(model, 0, ids, ids)
+        loss, grads = loss_and_grads(model, 0, ids, ids)
         torch.testing.assert_close(loss, plain)
         for name, grad in plain_grads.items():
             torch.testing.assert_close(grads[name], grad, msg=name)
 
 
 def frozen_head_grads(model, chunk, ids, labels):
-    """Loss and gradients with the output layer frozen (as LoRA leaves it), and how often it was called."""
-    calls = []
-    hook = model.transformer.output_layer.register_forward_hook(lambda *_: calls.append(1))
-    model.transformer.output_layer.weight.requires_grad_(False)
-    try:
-        _, loss, grads = loss_and_grads(model, chunk, ids, labels)
-    finally:
-        hook.remove()
+    """Loss and gradients with the output layer frozen (as LoRA leaves it), and how often it was called on a
+    chunk of tokens."""
+    head = model.transformer.output_layer
+    head.weight.requires_grad_(False)
+    calls, handle = count_chunk_calls(head)
+    loss, grads = loss_and_grads(model, chunk, ids, labels)
+    handle.remove()
     return loss, grads, len(calls)
 
 
@@ -86,9 +103,9 @@ def test_frozen_head_loss_computes_its_gradient_in_the_forward(chunk):
     labels = ids.clone()
     labels[:, :4] = -100
     labels[1, 9:] = -100
-    full, full_grads, full_calls = frozen_head_grads(model, 0, ids, labels)
+    full, full_grads, _ = frozen_head_grads(model, 0, ids, labels)
     fused, grads, calls = frozen_head_grads(model, chunk, ids, labels)
-    assert full_calls == 1 and calls == 0
+    assert calls == 0
     assert "transformer.output_layer.weight" not in grads and grads.keys() == full_grads.keys()
     torch.testing.assert_close(fused, full, rtol=1e-6, atol=1e-6)
     for name, grad in full_grads.items():
@@ -104,8 +121,7 @@ def test_frozen_head_loss_in_bf16_and_scaled():
     results = []
     for chunk in (0, 7):
         model.zero_grad()
-        model.loss_chunk_size = chunk
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = lm_loss(model, chunk, ids, ids)
         (loss / 4).backward()
         results.append(
             (loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
@@ -123,9 +139,8 @@ def test_trained_or_wrapped_heads_recompute_their_logits():
     and again in the backward."""
     model = tiny_model()
     ids = torch.randint(0, 211, (2, 9))
-    calls = []
-    model.transformer.output_layer.register_forward_hook(lambda *_: calls.append(1))
-    _, _, grads = loss_and_grads(model, 5, ids, ids)
+    calls, _ = count_chunk_calls(model.transformer.output_layer)
+    _, grads = loss_and_grads(model, 5, ids, ids)
     assert grads["transformer.output_layer.weight"] is not None
     assert len(calls) == 2 * 4  # 16 scored tokens in chunks of 5, each recomputed
 
@@ -135,14 +150,12 @@ def test_frozen_head_under_fp16_autocast_recomputes_its_logits():
     gradient cannot be computed, in fp16, before that scale is known."""
     model = tiny_model()
     model.transformer.output_layer.weight.requires_grad_(False)
-    model.loss_chunk_size = 5
-    calls = []
-    model.transformer.output_layer.register_forward_hook(lambda *_: calls.append(1))
+    calls, _ = count_chunk_calls(model.transformer.output_layer)
     ids = torch.randint(0, 211, (2, 9))
     with torch.autocast("cpu", dtype=torch.float16):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = lm_loss(model, 5, ids, ids)
     loss.backward()
     assert len(calls) == 2 * 4 and torch.isfinite(loss)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(input_ids=ids, labels=ids).loss.backward()
+        lm_loss(model, 5, ids, ids).backward()
     assert len(calls) == 2 * 4  # bf16 autocast: the gradient is computed with the loss
