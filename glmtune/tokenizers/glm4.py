@@ -129,12 +129,11 @@ class GLM4Tokenizer(PythonBackend):
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return [self.pieces[i] for i in self.encoding.encode_ordinary(text)]
 
-    def _convert_token_to_id(self, token: str) -> int:
+    def _convert_token_to_id(self, token: str) -> int | None:
+        """None for a token outside the vocabulary: there is no unknown token (as for GPT-2 without one)."""
         if token in self.special_tokens:
             return self.special_tokens[token]
-        if token not in self.piece_ids:
-            raise KeyError(f"{token!r} is not a token of {type(self).__name__} (it has no unknown token)")
-        return self.piece_ids[token]
+        return self.piece_ids.get(token)
 
     def _convert_id_to_token(self, index: int) -> str:
         if index in self.index_special_tokens:

@@ -97,6 +97,7 @@ def test_special_tokens(tok, golden):
     assert tok.vocab_size == len(tok) == 151343
     with pytest.raises(KeyError):
         tok.get_command("sop")  # ChatGLM2/3's name; GLM-4's is <sop>
+    assert tok.unk_token_id is None and tok.convert_tokens_to_ids("<|im_end|>") is None
 
 
 def test_left_padding(tok):
