@@ -199,9 +199,7 @@ def load_lora(
     cfg: TaskConfig, adapter_dir: str | Path | None = None, device: str | None = None
 ) -> ChatEngine:
     """infer_lora_finetuning.py: base + PEFT adapter (LoRA, AdaLoRA, IA3)."""
-    from peft import PeftModel
-
-    from glmtune.models import quantization
+    from glmtune.training.lora_layers import load_lora_adapter
 
     device = inference_device(cfg, device)
     adapter = artifact_folder(cfg, adapter_dir)
@@ -218,8 +216,7 @@ def load_lora(
     base = run_base_model(run, adapter)
     model = _load_model(base, cfg, device, family=run["model"].get("family", "auto"))
     family = model.glmtune_family
-    quantization.register_with_peft()
-    model = PeftModel.from_pretrained(model, str(adapter))
+    model = load_lora_adapter(model, adapter)
     model.glmtune_family = family
     return _engine(model, base, cfg, run)
 

@@ -12,14 +12,14 @@ every block (`query_key_value`, `dense`, `dense_h_to_4h`, `dense_4h_to_h`) by a 
 with symmetric per-output-row scales: scale = max|w| / (2^(b-1) - 1), q = round(w / scale), w ~= q * scale.
 The embeddings, the final norm and the output head stay in float, as published.
 
-Everything here is plain torch, so it runs (and trains LoRA / P-Tuning v2 on top) on CPU as well as on CUDA.
+Everything here is plain torch, so it runs (and trains LoRA / P-Tuning v2 on top; the LoRA layer for
+QuantizedLinear is in glmtune.training.lora_layers) on CPU as well as on CUDA.
 The published code dequantizes with CUDA kernels that ship as a compiled blob inside THUDM's file; we do not
 copy that blob, the torch path below is a handful of elementwise ops and runs on the GPU just the same.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -360,71 +360,3 @@ def infer_quantization_bit(state_dict: Mapping[str, torch.Tensor], config: Any |
     raise ValueError(
         f"query_key_value.weight has {columns} columns, neither hidden_size {hidden} nor half of it"
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# PEFT LoRA on top of QuantizedLinear
-# ---------------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def lora_layer_class() -> type[nn.Module]:
-    """The PEFT LoRA layer that wraps a QuantizedLinear (built on first use, so peft is imported lazily).
-
-    PEFT's default dispatch only wraps torch.nn.Linear (and a few known quantized types); a custom base
-    layer needs its own LoRA class, registered on the LoraConfig (see `register_with_peft`). PEFT's dense
-    `lora.Linear` already does the right thing in forward (base output + B(A(dropout(x))) * scaling); we
-    only change what depends on the base weight being float.
-    """
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    class QuantizedLoraLinear(LoraLinear):
-        """LoRA adapter around a frozen QuantizedLinear; adapters stay in float, base weights untouched."""
-
-        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-            return module.in_features, module.out_features
-
-        @property
-        def lora_variants(self) -> dict[tuple[str, ...], Any]:
-            # DoRA & co. read or rewrite the base weight; only plain LoRA is supported on int weights.
-            return {(): None}
-
-        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-            raise NotImplementedError(
-                "cannot merge a LoRA adapter into int8/int4 weights; load the float model to merge"
-            )
-
-        def __repr__(self) -> str:
-            return "lora.Quantized" + nn.Module.__repr__(self)
-
-    return QuantizedLoraLinear
-
-
-def register_with_peft(config: Any | None = None) -> Any | None:
-    """Let PEFT LoRA target QuantizedLinear layers.
-
-    With a `peft.LoraConfig`: registers the LoRA layer on that config (PEFT's custom-module API) and returns
-    it. The registration is not written to adapter_config.json, so register again on the config you load:
-    `PeftModel.from_pretrained(model, path, config=register_with_peft(LoraConfig.from_pretrained(path)))`.
-
-    Without arguments: from now on, every LoraConfig this process creates (including the ones PEFT reads
-    back in `PeftModel.from_pretrained`) registers it by itself. This wraps `LoraConfig.__post_init__`,
-    once; it is a process-wide patch of PEFT, meant for the training / inference entry points.
-    """
-    if config is not None:
-        config._register_custom_module({QuantizedLinear: lora_layer_class()})
-        return config
-    from peft import LoraConfig
-
-    original = LoraConfig.__post_init__
-    if getattr(original, "_registers_quantized_linear", False):
-        return None
-
-    @functools.wraps(original)
-    def __post_init__(self: Any) -> None:
-        original(self)
-        self._register_custom_module({QuantizedLinear: lora_layer_class()})
-
-    __post_init__._registers_quantized_linear = True  # type: ignore[attr-defined]
-    LoraConfig.__post_init__ = __post_init__
-    return None

@@ -17,6 +17,7 @@ from torch import nn
 
 from glmtune.config import ConfigError, TaskConfig
 from glmtune.models.families import model_family
+from glmtune.training.lora_layers import register_lora_layers
 from glmtune.training.registry import METHODS, PEFT_METHODS
 
 CHATGLM_LINEARS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -154,10 +155,6 @@ def adalora_schedule(cfg: TaskConfig, total_steps: int) -> tuple[int, int]:
 def _wrap_peft(model: nn.Module, cfg: TaskConfig, total_steps: int | None) -> nn.Module:
     from peft import AdaLoraConfig, IA3Config, LoraConfig, TaskType, get_peft_model
 
-    from glmtune.models import quantization
-    from glmtune.training.fused_lora import register_fused_lora
-
-    quantization.register_with_peft()
     family = model_family(model)
     common: dict[str, Any] = {"task_type": TaskType.CAUSAL_LM, "modules_to_save": cfg.lora.modules_to_save}
     targets = cfg.lora.target_modules or default_target_modules(model)
@@ -171,8 +168,7 @@ def _wrap_peft(model: nn.Module, cfg: TaskConfig, total_steps: int | None) -> nn
             target_modules=targets,
             **common,
         )
-        if not cfg.lora.use_dora:
-            register_fused_lora(peft_config)
+        register_lora_layers(peft_config, fused=not cfg.lora.use_dora)
     elif cfg.method == "adalora":
         if not total_steps:
             raise ValueError("adalora needs the number of optimizer steps for its rank-budget schedule")

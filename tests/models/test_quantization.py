@@ -19,14 +19,13 @@ from glmtune.models.quantization import (
     infer_quantization_bit,
     is_quantizable_weight,
     is_quantized_state_dict,
-    lora_layer_class,
     pack_int4,
     quantize_model,
     quantize_state_dict,
     quantize_weight,
-    register_with_peft,
     unpack_int4,
 )
+from glmtune.training.lora_layers import load_lora_adapter, quantized_lora_linear_class, register_lora_layers
 
 BLOCK_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
@@ -403,18 +402,17 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_lora_trains_on_quantized_layers(bits, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     model = quantized_tiny_lm(bits)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     config = LoraConfig(r=4, lora_alpha=8, target_modules=list(BLOCK_LINEARS), lora_dropout=0.0)
     plain = LoraConfig(target_modules=list(BLOCK_LINEARS))
-    plain._custom_modules = None  # (in case another test registered process-wide)
     with pytest.raises(ValueError, match="not supported"):  # PEFT alone cannot wrap the custom layer
         get_peft_model(quantized_tiny_lm(bits), plain)
-    peft_model = get_peft_model(model, register_with_peft(config))
+    peft_model = get_peft_model(model, register_lora_layers(config))
 
-    lora_cls = lora_layer_class()
+    lora_cls = quantized_lora_linear_class()
     wrapped = [n for n, m in peft_model.named_modules() if isinstance(m, lora_cls)]
     assert len(wrapped) == 8
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -449,31 +447,31 @@ def test_lora_trains_on_quantized_layers(bits, tmp_path):
     with torch.no_grad():
         expected = peft_model(ids)
     peft_model.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(
-        quantized_tiny_lm(bits), tmp_path, config=register_with_peft(LoraConfig.from_pretrained(tmp_path))
-    )
+    reloaded = load_lora_adapter(quantized_tiny_lm(bits), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids), expected)
 
 
-def test_register_with_peft_process_wide(monkeypatch, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+def test_lora_layers_register_on_one_config_only(tmp_path):
+    """The LoRA layer for QuantizedLinear is registered on the config that creates the adapter, not on every
+    LoraConfig of the process; a saved adapter loads through load_lora_adapter, which registers it again."""
+    from peft import LoraConfig, get_peft_model
 
-    monkeypatch.setattr(LoraConfig, "__post_init__", LoraConfig.__post_init__)  # undone after the test
-    register_with_peft()
-    register_with_peft()  # idempotent
-    model = get_peft_model(quantized_tiny_lm(4), LoraConfig(r=2, target_modules=["query_key_value"]))
-    assert sum(isinstance(m, lora_layer_class()) for m in model.modules()) == 2
+    config = register_lora_layers(LoraConfig(r=2, target_modules=["query_key_value"]))
+    assert LoraConfig(target_modules=["dense"])._custom_modules is None
+    model = get_peft_model(quantized_tiny_lm(4), config)
+    assert sum(isinstance(m, quantized_lora_linear_class()) for m in model.modules()) == 2
     for name, p in model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p)
     model.save_pretrained(tmp_path)
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
-    reloaded = PeftModel.from_pretrained(quantized_tiny_lm(4), tmp_path)  # no explicit config needed
+    reloaded = load_lora_adapter(quantized_tiny_lm(4), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids), model(ids))
     with pytest.raises(ValueError):  # DoRA needs the float base weight
-        get_peft_model(quantized_tiny_lm(4), LoraConfig(target_modules=["dense"], use_dora=True))
+        dora = register_lora_layers(LoraConfig(target_modules=["dense"], use_dora=True))
+        get_peft_model(quantized_tiny_lm(4), dora)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""FusedLoraLinear computes what PEFT's LoRA computes, trains the same tensors, and saves PEFT's format."""
+"""FusedLoraLinear computes what PEFT's LoRA computes, trains the same tensors, and saves PEFT's format (the
+LoRA layer for QuantizedLinear is tested with the quantized weights, tests/models/test_quantization.py)."""
 
 import copy
 import math
@@ -8,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from glmtune.training.fused_lora import fused_lora_linear_class, register_fused_lora
+from glmtune.training.lora_layers import fused_lora_linear_class, register_lora_layers
 
 
 class TwoLayers(nn.Module):
@@ -26,7 +27,7 @@ def wrap(fused: bool, dtype=torch.float32, **lora):
     model = TwoLayers().to(dtype)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], **lora)
     if fused:
-        register_fused_lora(config)
+        register_lora_layers(config, fused=True)
     peft_model = get_peft_model(model, config)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:  # non-zero B, so the update is not trivially zero

@@ -1,6 +1,13 @@
-"""LoRA on nn.Linear whose update is added by the GEMM that computes it.
+"""glmtune's LoRA layers for PEFT, and their registration on a LoraConfig (PEFT's custom-module API).
 
-PEFT's dense LoRA computes `result + lora_B(lora_A(x)) * scaling`: the low-rank product is written out,
+- `FusedLoraLinear`, on nn.Linear: the update is added by the GEMM that computes it (below).
+- `QuantizedLoraLinear`, on glmtune's int8/int4 `QuantizedLinear`: plain LoRA beside integer base weights.
+
+PEFT's default dispatch wraps only torch.nn.Linear (and a few known quantized types); a layer of its own is
+registered on the one config that creates the adapter, never process-wide. The registration is not written to
+adapter_config.json, so a saved adapter is loaded with `load_lora_adapter`, which registers again.
+
+Fused LoRA: PEFT's dense LoRA computes `result + lora_B(lora_A(x)) * scaling`: the low-rank product is written out,
 scaled into a second tensor and added into a third (in fp32 when the adapter is fp32 and the base bf16). On a
 ChatGLM MLP that is several passes over a 27k-wide activation per block. Here the update is one
 `addmm(result, x A^T, B^T, alpha=scaling)`: the low-rank product is accumulated straight into the base output.
@@ -19,11 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from glmtune.models.quantization import QuantizedLinear
 
 
 class _CastLinear(torch.autograd.Function):
@@ -122,7 +132,54 @@ def fused_lora_linear_class() -> type[nn.Module]:
     return FusedLoraLinear
 
 
-def register_fused_lora(config: Any) -> Any:
-    """Make a peft.LoraConfig wrap nn.Linear targets with FusedLoraLinear; returns the config."""
-    config._register_custom_module({nn.Linear: fused_lora_linear_class()})
+@functools.cache
+def quantized_lora_linear_class() -> type[nn.Module]:
+    """The PEFT LoRA layer that wraps a QuantizedLinear. PEFT's dense `lora.Linear` already does the right
+    thing in forward (base output + B(A(dropout(x))) * scaling); only what depends on the base weight being
+    float changes."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    class QuantizedLoraLinear(LoraLinear):
+        """LoRA adapter around a frozen QuantizedLinear; adapters stay in float, base weights untouched."""
+
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+            return module.in_features, module.out_features
+
+        @property
+        def lora_variants(self) -> dict[tuple[str, ...], Any]:
+            # DoRA & co. read or rewrite the base weight; only plain LoRA is supported on int weights.
+            return {(): None}
+
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            raise NotImplementedError(
+                "cannot merge a LoRA adapter into int8/int4 weights; load the float model to merge"
+            )
+
+        def __repr__(self) -> str:
+            return "lora.Quantized" + nn.Module.__repr__(self)
+
+    return QuantizedLoraLinear
+
+
+def register_lora_layers(config: Any, *, fused: bool = False) -> Any:
+    """Let a peft.LoraConfig wrap QuantizedLinear targets (QuantizedLoraLinear) and, when `fused`, nn.Linear
+    targets with FusedLoraLinear; returns the config. Other PEFT configs (AdaLoRA, IA3) are returned as
+    they are: they have no layer for QuantizedLinear, and glmtune refuses them on int weights."""
+    from peft import AdaLoraConfig, LoraConfig
+
+    if not isinstance(config, LoraConfig) or isinstance(config, AdaLoraConfig):
+        return config
+    layers: dict[type[nn.Module], type[nn.Module]] = {QuantizedLinear: quantized_lora_linear_class()}
+    if fused:
+        layers[nn.Linear] = fused_lora_linear_class()
+    config._register_custom_module(layers)
     return config
+
+
+def load_lora_adapter(model: nn.Module, folder: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """`PeftModel.from_pretrained(model, folder)`, with glmtune's LoRA layer for QuantizedLinear registered on
+    the adapter's config (loading an adapter trained on int8/int4 weights needs it)."""
+    from peft import PeftConfig, PeftModel
+
+    config = register_lora_layers(PeftConfig.from_pretrained(str(folder)))
+    return PeftModel.from_pretrained(model, str(folder), config=config, **kwargs)
