@@ -17,10 +17,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
+from transformers import get_scheduler
 
 from glmtune.config import ConfigError, TrainArgs
 from glmtune.models.losses import chunked_causal_lm_loss
+from glmtune.training.bnb import require_bitsandbytes
 from glmtune.training.distributed import is_mixed
 
 # Tokens the default loss scores at a time. A chunk's fp32 logits and their gradient are its peak extra
@@ -132,8 +135,6 @@ class CausalLMModule(L.LightningModule):
         whose backward is a collective every rank must join: there, a zero loss wired to every trained weight
         gives exactly zero gradients, without any NaN of the real loss reaching them.
         """
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
         if self.trainer.world_size == 1 and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
             return None
         return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
@@ -270,8 +271,6 @@ def _load_adalora_state(model: nn.Module, state: dict[str, Any]) -> None:
 
 
 def _deepspeed_offloads_optimizer(trainer: L.Trainer | None) -> bool:
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
     strategy = getattr(trainer, "strategy", None)
     if not isinstance(strategy, DeepSpeedStrategy):
         return False
@@ -289,8 +288,6 @@ def check_optimizer(args: TrainArgs) -> None:
                 "train.optimizer=lion needs lion-pytorch: pip install 'glmtune[lion]'"
             ) from None
     elif args.optimizer == "adamw8bit":
-        from glmtune.training.bnb import require_bitsandbytes
-
         require_bitsandbytes("train.optimizer=adamw8bit")
 
 
@@ -342,8 +339,6 @@ SCHEDULER_NAMES = {
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int):
     """transformers' warmup schedules, stepped once per optimizer step over the run's real step count."""
-    from transformers import get_scheduler
-
     extra = {"num_cycles": args.num_cycles} if args.scheduler == "cosine_restarts" else None
     return get_scheduler(
         SCHEDULER_NAMES[args.scheduler],
