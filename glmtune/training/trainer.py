@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,12 @@ def _step_budget_progress_bar_class():
         def total_train_batches(self) -> int | float:
             return self._epoch_total(0)  # read as an epoch starts
 
+        def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+            # v_num is the loggers' version folder (logs/version_N), "1_0" with two loggers: not the run's.
+            items = super().get_metrics(trainer, pl_module)
+            items.pop("v_num", None)
+            return items
+
         def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             super().on_train_start(trainer, pl_module)
             if trainer.fit_loop.restarted_mid_epoch:  # Lightning then skips on_train_epoch_start
@@ -419,7 +426,7 @@ def train(
         model = quantize_bnb(model, cfg.model.quantization, trainer.strategy.root_device, compute)
     # Under FSDP the strategy checkpoints each wrapped block itself (activation_checkpointing_policy).
     if cfg.train.gradient_checkpointing and cfg.train.strategy != "fsdp":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         if cfg.train.checkpoint_layers is not None:
             set_checkpoint_layers(model, cfg.train.checkpoint_layers)
@@ -445,9 +452,13 @@ def train(
     out = Path(cfg.train.output_dir)
     if trainer.is_global_zero:
         write_hparams(cfg, out)
-    trainer.fit(
-        module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=resume_path(cfg)
-    )
+    with warnings.catch_warnings():
+        # ModelCheckpoint warns whenever its folder holds files: on every `train.resume`, which is what the
+        # folder is for (a fresh run overwrites last.ckpt / best.ckpt, each written whole).
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(
+            module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=resume_path(cfg)
+        )
 
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
