@@ -14,9 +14,9 @@ import yaml
 from glmtune.config import ConfigError, TaskConfig, resolve_path
 from glmtune.demo.tiny import ensure_model
 from glmtune.inference.engine import ChatEngine
+from glmtune.models.families import model_family
 from glmtune.models.loading import load_model, load_tokenizer
-from glmtune.tokenizers.prompts import get_template
-from glmtune.tokenizers.template_choice import resolve_template_name
+from glmtune.tokenizers.template_choice import get_template, resolve_template_name
 from glmtune.training.bnb import quantize_bnb, require_bitsandbytes
 from glmtune.training.lora_layers import load_lora_adapter
 from glmtune.training.registry import HPARAMS_FILE, METHODS, tuning_method
@@ -114,7 +114,7 @@ def _engine(
     The template is `data.template` when set, else the one the run was trained with, else the family's.
     """
 
-    family = getattr(model, "glmtune_family", None) or "hf"
+    family = model_family(model)
     requested = cfg.data.template
     if requested == "auto" and run is not None:
         requested = (run.get("data") or {}).get("template", "auto")
