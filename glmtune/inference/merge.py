@@ -18,6 +18,7 @@ from torch import nn
 
 from glmtune.config import ConfigError
 from glmtune.inference.engine import ChatEngine
+from glmtune.models.families import model_family
 from glmtune.models.quantization import QuantizedLinear
 from glmtune.models.saving import save_model
 from glmtune.training.registry import HPARAMS_FILE, tuning_method
@@ -60,7 +61,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
             "(model.quantization_bit 0, e.g. `--model.quantization_bit 0`), then quantize the merged model when "
             "you load it."
         )
-    family = getattr(model, "glmtune_family", None) or getattr(model.get_base_model(), "glmtune_family", "hf")
+    family = model_family(model)
     merged = model.merge_and_unload()
     merged.glmtune_family = family
     return merged
