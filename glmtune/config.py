@@ -9,6 +9,7 @@ this file only says what to do with it.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -501,7 +502,17 @@ def resolve_path(path: str | os.PathLike) -> Path:
     if p.is_absolute() or p.exists():
         return p
     in_demo = DEMO_DIR / p
-    return in_demo if in_demo.exists() else p
+    if not in_demo.exists():
+        return p
+    _say_the_demo_copy_is_used(str(p))
+    return in_demo
+
+
+@functools.cache
+def _say_the_demo_copy_is_used(name: str) -> None:
+    # Said once per file: data of the same name the user meant but left in another folder must not be
+    # replaced by the demo's without a word.
+    print(f"note: no {name} in {Path.cwd()}: using glmtune's demo copy ({DEMO_DIR / name})", file=sys.stderr)
 
 
 def check_data_files(files: list[str], key: str) -> list[Path]:

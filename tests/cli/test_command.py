@@ -92,3 +92,19 @@ def test_serving_without_its_extra_says_what_to_install(monkeypatch, capsys) -> 
     assert command.main(["serve"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: serving needs the package 'fastapi': install the serve extra"), err
+
+
+def test_train_py_trains_with_models_py_s_loss(monkeypatch, capsys) -> None:
+    trained_with = []
+
+    def fake_train(cfg, module_cls):
+        trained_with.append(module_cls)
+        raise NonFiniteLossError("stop here")
+
+    monkeypatch.setattr(command, "train", fake_train)
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    from models import ChatModel
+
+    assert script_main("train")([]) == 1
+    assert command.main(["train"]) == 1
+    assert trained_with == [ChatModel, command.CausalLMModule]
