@@ -18,16 +18,15 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from glmtune.config import ConfigError, TaskConfig, build_parser, namespace_to_task
+from glmtune.config import ConfigError, TaskConfig, _suggest, build_parser, namespace_to_task
 from glmtune.inference.artifacts import load_artifact, load_base, read_run_config
 from glmtune.inference.engine import ChatEngine, History
 from glmtune.inference.merge import merge_and_save
 from glmtune.inference.predict import predict
-
-if TYPE_CHECKING:
-    from glmtune.training.module import CausalLMModule
+from glmtune.training.module import CausalLMModule
+from glmtune.training.trainer import train as run_training
 
 PathLike = str | os.PathLike
 
@@ -86,7 +85,6 @@ class Tuner:
         return copy.deepcopy(self._cfg)
 
     def _parse(self, flags: list[str]):
-        from glmtune.config import _suggest
 
         try:
             return self._parser.parse_args(flags)
@@ -123,11 +121,9 @@ class Tuner:
         """Train with `train.*` keys overridden (max_epochs, learning_rate, batch_size, output_dir, ...);
         returns the final metrics (train_loss, val_loss where there is eval data). Chat and eval then use
         the result, saved in <train.output_dir>/final."""
-        from glmtune.training.trainer import train as run_training
 
         if train:
             self._update({"train": train})
-        from glmtune.training.module import CausalLMModule
 
         result = run_training(self.cfg, module_cls=self.module_cls or CausalLMModule)
         self.artifact = result.artifact_dir

@@ -77,7 +77,7 @@ def config_problems(err: SettingsError) -> str:
 def make_template(model_path: str, family: str, name: str, trust_remote_code: bool = False):
     """Picklable template factory: each tokenizer worker process loads its own copy."""
     from glmtune.models.loading import load_tokenizer
-    from glmtune.tokenizers.prompts import get_template
+    from glmtune.tokenizers.template_choice import get_template
 
     return get_template(name, load_tokenizer(model_path, family=family, trust_remote_code=trust_remote_code))
 

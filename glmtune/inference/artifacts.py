@@ -12,9 +12,13 @@ import torch
 import yaml
 
 from glmtune.config import ConfigError, TaskConfig, resolve_path
+from glmtune.demo.tiny import ensure_model
 from glmtune.inference.engine import ChatEngine
-from glmtune.tokenizers.prompts import get_template
-from glmtune.tokenizers.template_choice import resolve_template_name
+from glmtune.models.families import model_family
+from glmtune.models.loading import load_model, load_tokenizer
+from glmtune.tokenizers.template_choice import get_template, resolve_template_name
+from glmtune.training.bnb import quantize_bnb, require_bitsandbytes
+from glmtune.training.lora_layers import load_lora_adapter
 from glmtune.training.registry import HPARAMS_FILE, METHODS, tuning_method
 
 
@@ -70,7 +74,6 @@ def inference_device(cfg: TaskConfig, device: str | None) -> str | None:
             raise ConfigError(f"--device {device}: no CUDA device is visible here")
     if mode == "none":
         return device
-    from glmtune.training.bnb import require_bitsandbytes
 
     if cfg.model.quantization_bit:
         raise ConfigError("model.quantization_bit and model.quantization (bitsandbytes) exclude each other")
@@ -83,7 +86,6 @@ def inference_device(cfg: TaskConfig, device: str | None) -> str | None:
 def _load_model(path: Path, cfg: TaskConfig, device: str | None, **options) -> torch.nn.Module:
     """load_model with the config's dtype and quantization: ChatGLM's int8/int4 at load, or bitsandbytes
     (the same block linears as training quantizes) once the float weights are in."""
-    from glmtune.models.loading import load_model
 
     # Running a folder's own code is consented to per invocation, not inherited from a run's saved config.
     options["trust_remote_code"] = cfg.model.trust_remote_code
@@ -96,7 +98,6 @@ def _load_model(path: Path, cfg: TaskConfig, device: str | None, **options) -> t
             device=device,
             **options,
         )
-    from glmtune.training.bnb import quantize_bnb
 
     model = load_model(path, torch_dtype=cfg.model.dtype, **options)
     # bitsandbytes multiplies in half precision: bf16 where the model was asked for in bf16, else fp16.
@@ -112,9 +113,8 @@ def _engine(
     The family is the loaded model's own (not `cfg.model.path`'s, which need not be the base of an artifact).
     The template is `data.template` when set, else the one the run was trained with, else the family's.
     """
-    from glmtune.models.loading import load_tokenizer
 
-    family = getattr(model, "glmtune_family", None) or "hf"
+    family = model_family(model)
     requested = cfg.data.template
     if requested == "auto" and run is not None:
         requested = (run.get("data") or {}).get("template", "auto")
@@ -127,7 +127,6 @@ def _engine(
 
 def load_base(cfg: TaskConfig, device: str | None = None) -> ChatEngine:
     """infer.py: the base model as configured (a merged folder's hyperparameters.yaml gives its template)."""
-    from glmtune.demo.tiny import ensure_model
 
     device = inference_device(cfg, device)
     given = resolve_path(cfg.model.path)
@@ -199,7 +198,6 @@ def load_lora(
     cfg: TaskConfig, adapter_dir: str | Path | None = None, device: str | None = None
 ) -> ChatEngine:
     """infer_lora_finetuning.py: base + PEFT adapter (LoRA, AdaLoRA, IA3)."""
-    from glmtune.training.lora_layers import load_lora_adapter
 
     device = inference_device(cfg, device)
     adapter = artifact_folder(cfg, adapter_dir)

@@ -18,6 +18,9 @@ from torch import nn
 
 from glmtune.config import ConfigError
 from glmtune.inference.engine import ChatEngine
+from glmtune.models.families import model_family
+from glmtune.models.quantization import QuantizedLinear
+from glmtune.models.saving import save_model
 from glmtune.training.registry import HPARAMS_FILE, tuning_method
 
 # A merged folder is a complete model whose every weight could have been tuned: what a `full` run saves.
@@ -39,7 +42,6 @@ def check_merge_target(out: str | os.PathLike) -> None:
 
 def quantized_layers(model: nn.Module) -> list[str]:
     """Names of the int8/int4 linears in `model` (the adapter cannot be added to packed integer weights)."""
-    from glmtune.models.quantization import QuantizedLinear
 
     return [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
 
@@ -59,7 +61,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
             "(model.quantization_bit 0, e.g. `--model.quantization_bit 0`), then quantize the merged model when "
             "you load it."
         )
-    family = getattr(model, "glmtune_family", None) or getattr(model.get_base_model(), "glmtune_family", "hf")
+    family = model_family(model)
     merged = model.merge_and_unload()
     merged.glmtune_family = family
     return merged
@@ -82,7 +84,6 @@ def merge_and_save(
     written back with model.path = OUT and method "full". The engine's model is merged in place: do not use
     it as base + adapter afterwards.
     """
-    from glmtune.models.saving import save_model
 
     out = Path(out)
     if run_config is not None and not tuning_method(run_config.get("method"), HPARAMS_FILE).mergeable:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,8 @@ from glmtune.config import ConfigError, TaskConfig, build_parser, parse_args, re
 from glmtune.inference.artifacts import load_artifact, load_base, load_finetuned, load_lora, read_run_config
 from glmtune.inference.cli import exits_on_user_error
 from glmtune.inference.engine import ChatEngine
+from glmtune.serving.api import create_app
+from glmtune.serving.web import gradio_module
 from glmtune.training.registry import HPARAMS_FILE, tuning_method
 
 ModelKind = Literal["auto", "base", "finetuned", "lora"]
@@ -97,7 +100,6 @@ def load_engine(cfg: TaskConfig, kind: ModelKind, checkpoint: str | None, device
 
 def check_address(host: str, port: int) -> None:
     """Refuse an address the server could not listen on, before any time goes into loading the model."""
-    import socket
 
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -124,13 +126,9 @@ def default_model_name(cfg: TaskConfig, checkpoint: str | None) -> str:
 def main(description: str, argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from glmtune.serving.api import create_app
-
     cfg, ns = parse_args(api_parser(description), argv)
     check_address(ns.host, ns.port)
     if ns.ui:
-        from glmtune.serving.web import gradio_module
-
         gradio_module()
     engine = load_engine(cfg, ns.model_kind, ns.checkpoint, ns.device)
     api_key = ns.api_key or os.environ.get(API_KEY_ENV) or None

@@ -3,13 +3,8 @@
 from glmtune.tokenizers.chatglm import ChatGLMTokenizer
 from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer, ChatGLM3Tokenizer
 from glmtune.tokenizers.glm4 import GLM4Tokenizer
-from glmtune.tokenizers.prompts import (
-    TEMPLATES,
-    ChatPrompt,
-    ChatTemplate,
-    TrainSample,
-    get_template,
-)
+from glmtune.tokenizers.prompts import ChatPrompt, ChatTemplate, TrainSample
+from glmtune.tokenizers.template_choice import TEMPLATES, get_template
 from glmtune.tokenizers.train_spm import train_chatglm2_tokenizer
 
 __all__ = [

@@ -689,32 +689,3 @@ class AlpacaTemplate(TextTemplate):
         for q, a in as_pairs(history):
             parts += [(f"### Instruction:\n{q}\n\n### Response:\n", False), (a, True), ("\n\n", False)]
         return parts + [(f"### Instruction:\n{query}\n\n### Response:\n", False)]
-
-
-TEMPLATES: dict[str, type[ChatTemplate]] = {
-    cls.name: cls
-    for cls in (
-        ChatGLMTemplate,
-        ChatGLM2Template,
-        ChatGLM3Template,
-        ChatGLM3PlainTemplate,
-        GLM4Template,
-        GLM4PerMessageTemplate,
-        Llama2Template,
-        ChatMLTemplate,
-        AlpacaTemplate,
-    )
-}
-
-
-def get_template(name: str, tokenizer: PreTrainedTokenizerBase, **options: Any) -> ChatTemplate:
-    """The template `name` (see `TEMPLATES`: "chatglm", "chatglm2", "chatglm3", "chatglm3_plain", "glm4",
-    "glm4_per_message", "llama2", "chatml", "alpaca") bound to `tokenizer`.
-
-    `options` go to the template: `system` (a default system prompt) for llama2/chatml. "chatglm3" is the
-    ChatGLM3 chat format (role tokens, what `chat()` uses), "chatglm3_plain" the plain format of the reference
-    fine-tuning data.
-    """
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
-    return TEMPLATES[name](tokenizer, **options)

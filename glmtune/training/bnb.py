@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from glmtune.config import ConfigError
+from glmtune.models.families import model_family
 
 BnbMode = Literal["bnb8", "nf4"]
 
@@ -33,7 +34,7 @@ def _targets(model: nn.Module) -> list[str]:
     """Block linears: ChatGLM's four per block; for other models every linear but the output head."""
     from glmtune.models.quantization import QUANTIZED_LAYER_NAMES
 
-    family = getattr(model, "glmtune_family", "hf")
+    family = model_family(model)
     head = model.get_output_embeddings()
     if family != "hf":
         names = "|".join(QUANTIZED_LAYER_NAMES)

@@ -17,6 +17,8 @@ from torch import nn
 
 from glmtune.config import ConfigError, TaskConfig
 from glmtune.models.families import model_family
+from glmtune.models.quantization import QuantizedLinear
+from glmtune.models.saving import save_model
 from glmtune.training.lora_layers import register_lora_layers
 from glmtune.training.registry import METHODS, PEFT_METHODS
 
@@ -42,7 +44,6 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
 
 def is_int_quantized(model: nn.Module) -> bool:
     """Whether the block linears hold ChatGLM int8/int4 weights (glmtune.models.quantization)."""
-    from glmtune.models.quantization import QuantizedLinear
 
     return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
@@ -250,7 +251,6 @@ def save_artifact(
     `state_dict` (keys as in `model.state_dict()`) replaces the model's own tensors: under ZeRO-3 / FSDP the
     local module holds only a shard, so the trainer gathers the full tensors first and passes them here.
     """
-    from glmtune.models.saving import save_model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,7 @@ class CausalLMModule(L.LightningModule):
         self.bad_steps_total = 0
         self._step_was_bad = False
         self._good_micro_batches = 0
+        self._head_checked = False
         # Checkpoints hold only the trained tensors; the frozen rest comes from the base model (DeepSpeed too).
         self.strict_loading = False
 
@@ -89,6 +90,9 @@ class CausalLMModule(L.LightningModule):
         outputs = self.model(
             **inputs, use_cache=False, output_hidden_states=True, logits_to_keep=0 if self.uses_logits else 1
         )
+        if not self.uses_logits and not self._head_checked:
+            check_logits_come_from_head(self.model, outputs)
+            self._head_checked = True
         return self.loss(batch, outputs)
 
     def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
@@ -218,6 +222,27 @@ class CausalLMModule(L.LightningModule):
         if missing_trained and state_dict:
             raise KeyError(f"checkpoint lacks trained tensors of this model: {missing_trained[:3]}")
         return result
+
+
+def check_logits_come_from_head(model: nn.Module, outputs: Any) -> None:
+    """Refuse a model whose logits are more than its output layer applied to its last hidden state (soft-capped
+    or scaled, as some transformers models compute them): a loss scoring the hidden states through the output
+    layer would train it on the wrong logits. Checked on the last position, the only one computed."""
+    head = model.get_output_embeddings()
+    name = type(model).__name__
+    if head is None:
+        raise ConfigError(
+            f"{name} has no output layer (get_output_embeddings() is None): set uses_logits = True in models.py "
+            "and compute the loss from outputs.logits"
+        )
+    with torch.no_grad():
+        expected = head(outputs.hidden_states[-1][:, -1:]).float()
+    if not torch.allclose(outputs.logits[:, -1:].float(), expected, rtol=1e-3, atol=1e-3):
+        raise ConfigError(
+            f"{name}'s logits are not its output layer applied to its last hidden state (soft-capped or scaled "
+            "logits?), which the default loss reads: set uses_logits = True in models.py and compute the loss "
+            "from outputs.logits (models.py's docstring shows how)"
+        )
 
 
 def adalora_orthogonality_penalty(model: nn.Module) -> torch.Tensor | float:

@@ -388,7 +388,7 @@ def generation_eval(cfg: TaskConfig, records) -> GenerationEval | None:
     if not cfg.train.eval_generate:
         return None
     from glmtune.inference.predict import prediction_items
-    from glmtune.tokenizers.prompts import get_template
+    from glmtune.tokenizers.template_choice import get_template
 
     items: list[dict] = []
     for file in cfg.data.eval_files:

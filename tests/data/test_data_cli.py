@@ -151,7 +151,7 @@ def inspect_rows(printed: str) -> list[list[tuple[str, int, int]]]:
 
 def test_inspect_prints_token_id_label_of_the_first_samples(data_utils, reference_dir, tmp_path, capsys):
     from glmtune.models.loading import load_tokenizer
-    from glmtune.tokenizers.prompts import get_template
+    from glmtune.tokenizers.template_choice import get_template
 
     pairs = [
         ("一斤等于多少克？", "五百克。"),

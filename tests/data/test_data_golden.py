@@ -24,8 +24,7 @@ from glmtune.data.records import open_reader
 from glmtune.data.samples import IGNORE_INDEX
 from glmtune.data.settings import BuildSettings
 from glmtune.models.families import detect_family
-from glmtune.tokenizers.prompts import get_template
-from glmtune.tokenizers.template_choice import FAMILY_TEMPLATES
+from glmtune.tokenizers.template_choice import FAMILY_TEMPLATES, get_template
 from tests.data.test_data_fakes import build_with
 
 FOLDERS = {"v1": "chatglm-6b-tiny", "v2": "chatglm2-6b-tiny", "v3": "chatglm3-6b-tiny"}

@@ -12,7 +12,7 @@ from glmtune.inference.engine import ChatEngine
 from glmtune.models.chatglm2 import ChatGLM2ForConditionalGeneration
 from glmtune.models.loading import load_model
 from glmtune.tokenizers.glm4 import GLM4Tokenizer
-from glmtune.tokenizers.prompts import get_template
+from glmtune.tokenizers.template_choice import get_template
 
 FOLDER = "glm-4-9b-chat-tiny"
 TOL = 1e-4  # max abs logits difference vs the published implementation

@@ -19,8 +19,7 @@ from glmtune.data.packing import pack_record
 from glmtune.models.families import detect_family
 from glmtune.models.loading import load_model, load_tokenizer
 from glmtune.models.packing import accept_packed_batches, cu_seqlens
-from glmtune.tokenizers.prompts import get_template
-from glmtune.tokenizers.template_choice import FAMILY_TEMPLATES
+from glmtune.tokenizers.template_choice import FAMILY_TEMPLATES, get_template
 from tests.conftest import REFERENCE
 
 CHECKPOINTS = ["chatglm-6b-tiny", "chatglm2-6b-tiny", "chatglm3-6b-tiny"]

@@ -25,7 +25,6 @@ from glmtune.models.quantization import (
     quantize_weight,
     unpack_int4,
 )
-from glmtune.training.lora_layers import load_lora_adapter, quantized_lora_linear_class, register_lora_layers
 
 BLOCK_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
@@ -347,131 +346,6 @@ def test_detect_quantized_checkpoint(family_state_dict, bits):
     assert infer_quantization_bit({}, config) == bits
     with pytest.raises(ValueError):
         infer_quantization_bit(qkv_only)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# PEFT LoRA on top of quantized layers
-# ---------------------------------------------------------------------------------------------------------
-
-
-class TinyBlock(nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.attention = nn.Module()
-        self.attention.query_key_value = nn.Linear(hidden, 3 * hidden)
-        self.attention.dense = nn.Linear(hidden, hidden)
-        self.mlp = nn.Module()
-        self.mlp.dense_h_to_4h = nn.Linear(hidden, 4 * hidden)
-        self.mlp.dense_4h_to_h = nn.Linear(4 * hidden, hidden)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.attention.query_key_value(h).chunk(3, dim=-1)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        h = h + self.attention.dense(att)
-        return h + self.mlp.dense_4h_to_h(F.gelu(self.mlp.dense_h_to_4h(h)))
-
-
-class TinyLM(nn.Module):
-    """Stand-in with ChatGLM-6B's module names (transformer.layers.N.attention.query_key_value, ...)."""
-
-    def __init__(self, vocab: int = 50, hidden: int = 32, layers: int = 2) -> None:
-        super().__init__()
-        self.transformer = nn.Module()
-        self.transformer.word_embeddings = nn.Embedding(vocab, hidden)
-        self.transformer.layers = nn.ModuleList(TinyBlock(hidden) for _ in range(layers))
-        self.lm_head = nn.Linear(hidden, vocab, bias=False)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.transformer.word_embeddings(input_ids)
-        for layer in self.transformer.layers:
-            h = layer(h)
-        return self.lm_head(h)
-
-
-def quantized_tiny_lm(bits: int) -> TinyLM:
-    torch.manual_seed(0)
-    model = TinyLM().half()
-    quantize_model(model, bits)
-    return model.float()  # like an fp32 CPU run: norms/embeddings/head in fp32, int weights untouched
-
-
-def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(ids)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_lora_trains_on_quantized_layers(bits, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    model = quantized_tiny_lm(bits)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(BLOCK_LINEARS), lora_dropout=0.0)
-    plain = LoraConfig(target_modules=list(BLOCK_LINEARS))
-    with pytest.raises(ValueError, match="not supported"):  # PEFT alone cannot wrap the custom layer
-        get_peft_model(quantized_tiny_lm(bits), plain)
-    peft_model = get_peft_model(model, register_lora_layers(config))
-
-    lora_cls = quantized_lora_linear_class()
-    wrapped = [n for n, m in peft_model.named_modules() if isinstance(m, lora_cls)]
-    assert len(wrapped) == 8
-    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-
-    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(1))
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = lm_loss(peft_model, ids)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
-
-    # base weights (int + scale + bias) did not move; lora_B moved away from its zero init
-    peft_model.eval()
-    base_now = {
-        k.replace("base_model.model.", "").replace(".base_layer", ""): v
-        for k, v in peft_model.state_dict().items()
-        if "lora_" not in k
-    }
-    assert set(base_now) == set(base)
-    for key, tensor in base.items():
-        assert torch.equal(base_now[key], tensor), key
-    assert any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
-    with pytest.raises(NotImplementedError):
-        peft_model.merge_and_unload()
-
-    # save the adapter, load it onto a fresh quantized model: same outputs
-    with torch.no_grad():
-        expected = peft_model(ids)
-    peft_model.save_pretrained(tmp_path)
-    reloaded = load_lora_adapter(quantized_tiny_lm(bits), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids), expected)
-
-
-def test_lora_layers_register_on_one_config_only(tmp_path):
-    """The LoRA layer for QuantizedLinear is registered on the config that creates the adapter, not on every
-    LoraConfig of the process; a saved adapter loads through load_lora_adapter, which registers it again."""
-    from peft import LoraConfig, get_peft_model
-
-    config = register_lora_layers(LoraConfig(r=2, target_modules=["query_key_value"]))
-    assert LoraConfig(target_modules=["dense"])._custom_modules is None
-    model = get_peft_model(quantized_tiny_lm(4), config)
-    assert sum(isinstance(m, quantized_lora_linear_class()) for m in model.modules()) == 2
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(p)
-    model.save_pretrained(tmp_path)
-    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
-    reloaded = load_lora_adapter(quantized_tiny_lm(4), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids), model(ids))
-    with pytest.raises(ValueError):  # DoRA needs the float base weight
-        dora = register_lora_layers(LoraConfig(target_modules=["dense"], use_dora=True))
-        get_peft_model(quantized_tiny_lm(4), dora)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch
 from glmtune.data.samples import IGNORE_INDEX
 from glmtune.tokenizers.chatglm import ChatGLMTokenizer
 from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer, ChatGLM3Tokenizer
-from glmtune.tokenizers.prompts import TEMPLATES, as_pairs, get_template
+from glmtune.tokenizers.prompts import as_pairs
+from glmtune.tokenizers.template_choice import TEMPLATES, get_template
 from glmtune.tokenizers.train_spm import train_chatglm2_tokenizer
 
 FAMILIES = {

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from glmtune.config import ConfigError
-from glmtune.tokenizers.prompts import TEMPLATES
-from glmtune.tokenizers.template_choice import FAMILY_TEMPLATES, resolve_template_name
+from glmtune.tokenizers.template_choice import FAMILY_TEMPLATES, TEMPLATES, resolve_template_name
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_TEMPLATES))

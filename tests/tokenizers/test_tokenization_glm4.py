@@ -10,7 +10,7 @@ import torch
 
 from glmtune.data.samples import IGNORE_INDEX
 from glmtune.tokenizers.glm4 import SPECIAL_TOKENS, GLM4Tokenizer, read_ranks
-from glmtune.tokenizers.prompts import get_template
+from glmtune.tokenizers.template_choice import get_template
 
 FOLDER = "glm-4-9b-chat-tiny"
 MESSAGES = [  # what the published template renders: system, metadata, observation, empty and odd contents

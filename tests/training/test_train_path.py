@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from glmtune.config import TrainArgs
+from glmtune.config import ConfigError, TrainArgs
 from glmtune.data.dataset import RecordDataset
 from glmtune.models.loading import load_model
 from glmtune.training import trainer as trainer_module
@@ -180,3 +180,23 @@ def test_adalora_regulariser_is_peft_own():
     penalty = adalora_orthogonality_penalty(model)
     assert penalty > 0
     torch.testing.assert_close(without + penalty, with_penalty, rtol=0, atol=0)
+
+
+def test_a_model_whose_logits_are_not_its_head_is_refused():
+    """Logits scaled after the output layer (as soft-capping models do): the default loss, which reads the hidden
+    states, would be wrong, so the first step says what to do instead."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = LlamaForCausalLM(config)
+
+    def scale_logits(module, args, kwargs, outputs):
+        outputs.logits = outputs.logits * 2.0
+        return outputs
+
+    model.register_forward_hook(scale_logits, with_kwargs=True)
+    ids = torch.randint(0, 97, (2, 11))
+    module = CausalLMModule(model, TrainArgs(), total_steps=1)
+    with pytest.raises(ConfigError, match="uses_logits = True"):
+        module.model_step({"input_ids": ids, "labels": ids})
