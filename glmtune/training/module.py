@@ -61,7 +61,7 @@ class CausalLMModule(L.LightningModule):
         if "model_step" in cls.__dict__:
             raise TypeError(
                 f"{cls.__name__} overrides model_step: override loss(batch, outputs) instead, so the model "
-                "is called as in every other run (all batch keys, use_cache=False)"
+                "is called as in every other run (every batch key but the labels, use_cache=False)"
             )
 
     def __init__(self, model: nn.Module, train_args: TrainArgs, total_steps: int, method: str = "lora"):
