@@ -27,7 +27,7 @@ DEFAULT_CONFIG = DEMO_DIR / "default.yaml"
 # already hold a checkpoint, so a typo is an error rather than a freshly built random model.
 TINY_MODEL_PATH = "output/tiny-chatglm2"
 
-Family = Literal["auto", "chatglm", "chatglm2", "chatglm3", "hf"]
+Family = Literal["auto", "chatglm", "chatglm2", "chatglm3", "glm4", "hf"]
 Method = Literal["full", "freeze", "ptv2", "lora", "adalora", "ia3"]
 
 
@@ -68,7 +68,7 @@ class ModelArgs:
 
     Args:
         path: checkpoint folder (published ChatGLM layout, or any transformers causal LM folder).
-        family: "auto" detects ChatGLM-6B / ChatGLM2 / ChatGLM3 / other from the folder.
+        family: "auto" detects ChatGLM-6B / ChatGLM2 / ChatGLM3 / GLM-4 (glm4) / other from the folder.
         dtype: weights' dtype once loaded ("auto" keeps the checkpoint's).
         quantization_bit: 0, or 8 / 4 for ChatGLM int8 / int4 weights (published format).
         quantization: bitsandbytes quantization of the block linears at load, CUDA only: none, bnb8

@@ -1,14 +1,17 @@
-"""Which model a checkpoint folder or a loaded model is: ChatGLM-6B, ChatGLM2, ChatGLM3, or any other ("hf").
+"""Which model a checkpoint folder or a loaded model is: ChatGLM-6B, ChatGLM2, ChatGLM3, GLM-4, or any other
+("hf").
 
 ChatGLM-6B has its own network and config schema (`position_encoding_2d`, `inner_hidden_size`). ChatGLM2 and
 ChatGLM3 share network and config schema and differ only in the chat format, which the published configs do
-not record: `save_model` writes a `glmtune_family` key, and `load_model` sets `glmtune_family` on the model
+not record. GLM-4-9B-Chat publishes the same schema and network (a larger rotary base through `rope_ratio`)
+with a tiktoken vocabulary instead of SentencePiece, which is how its folder is told apart. `save_model` writes a `glmtune_family` key, and `load_model` sets `glmtune_family` on the model
 and its config, so the distinction survives a round trip.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -17,8 +20,10 @@ from torch import nn
 
 from glmtune.models.reading import CheckpointError, read_config
 
-Family = Literal["chatglm", "chatglm2", "chatglm3", "hf"]
-CHATGLM_FAMILIES: tuple[str, ...] = ("chatglm", "chatglm2", "chatglm3")
+Family = Literal["chatglm", "chatglm2", "chatglm3", "glm4", "hf"]
+CHATGLM_FAMILIES: tuple[str, ...] = ("chatglm", "chatglm2", "chatglm3", "glm4")
+# GLM-4's vocabulary size; ChatGLM2/3 pad theirs to 65024.
+GLM4_PADDED_VOCAB_SIZE = 151552
 
 
 def _schema_family(config: Mapping[str, Any]) -> Literal["chatglm", "chatglm2", "hf"]:
@@ -39,11 +44,23 @@ def _has_role_tokens(folder: Path) -> bool:
     return False
 
 
-def detect_family(path: str | os.PathLike, config: dict | None = None) -> Family:
-    """ChatGLM-6B, ChatGLM2 or ChatGLM3 from the published config (and files), else "hf".
+def _has_tiktoken_vocab(folder: Path, config: Mapping[str, Any]) -> bool:
+    """GLM-4's tokenizer.model is text, `base64(bytes) rank` per line; ChatGLM2/3's is a SentencePiece proto
+    (binary). Without the file, the vocabulary size tells."""
+    file = folder / "tokenizer.model"
+    if not file.is_file():
+        return config.get("padded_vocab_size") == GLM4_PADDED_VOCAB_SIZE
+    with open(file, "rb") as f:
+        first = f.readline(512).split()
+    return len(first) == 2 and first[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/]+=*", first[0]) is not None
 
-    ChatGLM2 vs ChatGLM3: an explicit `glmtune_family` key, then the tokenizer files (ChatGLM3's name its role
-    tokens), then `_name_or_path` and the folder name, in that order.
+
+def detect_family(path: str | os.PathLike, config: dict | None = None) -> Family:
+    """ChatGLM-6B, ChatGLM2, ChatGLM3 or GLM-4 from the published config (and files), else "hf".
+
+    Within the ChatGLM2 schema: an explicit `glmtune_family` key, then GLM-4's tiktoken vocabulary, then the
+    tokenizer files (ChatGLM3's name its role tokens, and so do GLM-4's: hence GLM-4 first), then
+    `_name_or_path` and the folder name, in that order.
     """
     folder = Path(path)
     config = config if config is not None else read_config(folder)
@@ -52,12 +69,14 @@ def detect_family(path: str | os.PathLike, config: dict | None = None) -> Family
         return schema
     family = config.get("glmtune_family")
     if family is not None:
-        if family not in ("chatglm2", "chatglm3"):
+        if family not in ("chatglm2", "chatglm3", "glm4"):
             raise CheckpointError(
                 f"{folder / 'config.json'}: glmtune_family {family!r} does not fit a ChatGLM2/3 config "
-                "(expected 'chatglm2' or 'chatglm3')"
+                "(expected 'chatglm2', 'chatglm3' or 'glm4')"
             )
         return family
+    if _has_tiktoken_vocab(folder, config):
+        return "glm4"
     if _has_role_tokens(folder):
         return "chatglm3"
     names = f"{config.get('_name_or_path', '')} {folder.resolve().name}".lower()

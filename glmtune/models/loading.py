@@ -28,6 +28,7 @@ from glmtune.models.packing import accept_packed_batches
 from glmtune.models.reading import CheckpointError, iter_checkpoint_tensors, load_prefix_state, read_config
 from glmtune.tokenizers.chatglm import ChatGLMTokenizer
 from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer, ChatGLM3Tokenizer
+from glmtune.tokenizers.glm4 import GLM4Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def load_model(
         raise ValueError(f"family {family!r}: expected 'auto' or one of {get_args(Family)}")
     detected = detect_family(path, raw)
     fam = detected if family in ("auto", None) else family
-    if fam in CHATGLM_FAMILIES and (fam == "chatglm") != (detected == "chatglm"):
+    # ChatGLM-6B's network and GLM-4's vocabulary are their own; ChatGLM2 and ChatGLM3 only differ in chat format
+    if fam in CHATGLM_FAMILIES and any((fam == f) != (detected == f) for f in ("chatglm", "glm4")):
         raise CheckpointError(f"family {fam!r} given, but {path / 'config.json'} is a {detected} config")
     dtype = _resolve_dtype(torch_dtype)
     if fam == "hf":
@@ -309,6 +311,8 @@ def load_tokenizer(path: str | os.PathLike, family: str = "auto", trust_remote_c
         return ChatGLM2Tokenizer.from_pretrained(str(path))
     if fam == "chatglm3":
         return ChatGLM3Tokenizer.from_pretrained(str(path))
+    if fam == "glm4":
+        return GLM4Tokenizer.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(
         str(path), trust_remote_code=_allow_remote_code(path, trust_remote_code)
     )

@@ -55,7 +55,7 @@ def get_template(name: str, tokenizer: PreTrainedTokenizerBase, **options: Any) 
 
 
 # "chatglm3" is ChatGLM3's chat format (role tokens), so training sees the prompts chat() builds.
-FAMILY_TEMPLATES = {"chatglm": "chatglm", "chatglm2": "chatglm2", "chatglm3": "chatglm3"}
+FAMILY_TEMPLATES = {"chatglm": "chatglm", "chatglm2": "chatglm2", "chatglm3": "chatglm3", "glm4": "glm4"}
 
 
 def resolve_template_name(requested: str, family: str) -> str:

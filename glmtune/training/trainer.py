@@ -27,6 +27,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from glmtune.config import ConfigError, TaskConfig, resolve_path
+from glmtune.models.families import resolve_family
 from glmtune.training.compile import compile_blocks
 from glmtune.training.distributed import (
     gather_model_state,
@@ -76,10 +77,22 @@ def load_for_method(cfg: TaskConfig, device: str | None = None) -> torch.nn.Modu
     )
 
 
+def check_half_precision(cfg: TaskConfig) -> None:
+    """GLM-4 is trained in bf16: its activations overflow fp16's range, so fp16 training ends in NaN losses."""
+    fp16 = cfg.train.precision in ("16-mixed", "16-true") or cfg.model.dtype == "float16"
+    folder = resolve_path(cfg.model.path)
+    if fp16 and (folder / "config.json").is_file() and resolve_family(folder, cfg.model.family) == "glm4":
+        raise ConfigError(
+            "GLM-4 overflows in fp16 (train.precision 16-*, model.dtype float16): use train.precision "
+            "bf16-mixed (or bf16-true) and model.dtype bfloat16 or float32"
+        )
+
+
 def check_config(cfg: TaskConfig) -> None:
     """Everything that can be refused before records are built and weights loaded."""
     check_method(cfg)
     check_optimizer(cfg.train)
+    check_half_precision(cfg)
     if cfg.model.quantization != "none":
         from glmtune.training.bnb import require_bitsandbytes
 

@@ -26,9 +26,9 @@ def golden(reference_dir):
 
 @pytest.fixture(scope="module")
 def model(reference_dir) -> ChatGLM2ForConditionalGeneration:
-    # The GLM-4 network is ChatGLM2/3's; its folder loads as that family until it has its own.
-    loaded = load_model(reference_dir / FOLDER, family="chatglm3", torch_dtype="float32")
-    assert type(loaded) is ChatGLM2ForConditionalGeneration
+    # The GLM-4 network is ChatGLM2/3's: the folder is detected as glm4 and built with the ChatGLM2 classes.
+    loaded = load_model(reference_dir / FOLDER, torch_dtype="float32")
+    assert type(loaded) is ChatGLM2ForConditionalGeneration and loaded.glmtune_family == "glm4"
     return loaded
 
 
@@ -111,3 +111,62 @@ def test_chat_engine_stops_on_the_templates_eos_list(model, reference_dir, monke
     done = engine.complete("你好", max_new_tokens=6)
     assert done.finish_reason == "stop" and done.completion_tokens == 2
     assert done.text == tokenizer.decode(greedy[:2].tolist(), skip_special_tokens=True).strip()
+
+
+def test_the_glm4_folder_is_its_own_family(reference_dir) -> None:
+    from glmtune.config import ConfigError
+    from glmtune.models.families import detect_family
+    from glmtune.models.loading import load_tokenizer
+    from glmtune.tokenizers.template_choice import resolve_template_name
+
+    folder = reference_dir / FOLDER
+    assert detect_family(folder) == "glm4"
+    assert detect_family(reference_dir / "chatglm3-6b-tiny") == "chatglm3"
+    assert detect_family(reference_dir / "chatglm2-6b-tiny") == "chatglm2"
+    assert isinstance(load_tokenizer(folder), GLM4Tokenizer)
+    assert resolve_template_name("auto", "glm4") == "glm4"
+    for wrong, other in (("chatglm3", folder), ("glm4", reference_dir / "chatglm3-6b-tiny")):
+        with pytest.raises(ConfigError, match=f"family {wrong!r} given"):
+            load_model(other, family=wrong)
+
+
+@pytest.mark.slow
+def test_glm4_through_the_scripts(reference_dir, tmp_path) -> None:
+    """data_utils.py, train.py (LoRA) and infer_lora_finetuning.py --predict on the published GLM-4 folder."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    flags = [
+        "--model.path", str(reference_dir / FOLDER), "--data.output_dir", str(tmp_path / "records"),
+        "--train.output_dir", str(tmp_path / "run"), "--train.max_steps", "2", "--train.batch_size", "2",
+    ]  # fmt: skip
+
+    def run(script: str, *extra: str) -> str:
+        result = subprocess.run(
+            [sys.executable, script, *flags, *extra],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        return result.stdout
+
+    run("data_utils.py")
+    run("train.py")
+    run_config = (tmp_path / "run" / "final" / "hyperparameters.yaml").read_text()
+    assert "template: auto" in run_config
+    answers = run("infer_lora_finetuning.py", "--predict", "data/dev.json", "--limit", "2")
+    assert answers.strip().splitlines()[-1].startswith("exact match: ")
+
+
+@pytest.mark.parametrize("flag", [("--train.precision", "16-true"), ("--model.dtype", "float16")])
+def test_glm4_refuses_fp16_training(reference_dir, tmp_path, capsys, flag) -> None:
+    from train import main
+
+    argv = ["--model.path", str(reference_dir / FOLDER), "--train.output_dir", str(tmp_path / "run"), *flag]
+    assert main(argv) == 1
+    assert "GLM-4 overflows in fp16" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
