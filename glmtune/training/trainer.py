@@ -1,6 +1,6 @@
 """`train(cfg)`: records -> model with its method -> Lightning Trainer -> saved artifact.
 
-Returns its metrics and the paths it wrote, so tests call it directly (STYLE.md, point 9).
+Returns its metrics and the paths it wrote, so tests call it directly.
 
 What a run leaves in `train.output_dir`:
     checkpoints/last.ckpt, best.ckpt (lowest val_loss), step-<N>.ckpt   Lightning checkpoints (resume); each
@@ -520,7 +520,7 @@ def _export_best(trainer: L.Trainer, module: CausalLMModule, cfg: TaskConfig, to
 
 
 def write_hparams(cfg: TaskConfig, folder: Path) -> Path:
-    """The resolved config beside every artifact, read back by the inference scripts (STYLE.md, point 7)."""
+    """The resolved config beside every artifact, read back by the inference scripts (nobody retypes lora.r)."""
     path = folder / HPARAMS_FILE
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False))
