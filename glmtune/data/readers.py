@@ -15,6 +15,10 @@ Formats (`format=` name, or "auto": decided per file from the first record's key
   `{"messages": [{"role": "user"|"assistant"|"system", "content"}]}` (OpenAI); an optional system turn
   first, then strictly alternating user/assistant turns, ending with an assistant turn.
 - `input_target`: `{"input", "target"}` (PromptCBLUE); other fields are ignored.
+- `chatglm3_tools`: ChatGLM3's tool-call fine-tuning data, `{"tools", "conversations": [{"role", "content"},
+  {"role": "tool", "name", "parameters", "observation"}...]}`; `glm4_tools`: GLM-4's, `{"messages": [...]}`
+  with `tools` on the system message and `observation` messages. "conversations" reads both too, a record at
+  a time. The messages are kept whole (`Dialogue.meta["messages"]`) and need a ChatGLM3 / GLM-4 template.
 
 Bad input raises `DataError` with `FILE:LINE` and the field in its message; with `errors="yield"` the
 error is yielded in place of the record instead, so a caller can skip it and keep reading.
@@ -22,6 +26,7 @@ error is yielded in place of the record instead, so a caller can skip it and kee
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -30,8 +35,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-FormatName = Literal["paragraph", "prompt_completion", "alpaca", "conversations", "input_target"]
-FORMATS: tuple[str, ...] = ("paragraph", "prompt_completion", "alpaca", "conversations", "input_target")
+FormatName = Literal[
+    "paragraph",
+    "prompt_completion",
+    "alpaca",
+    "conversations",
+    "input_target",
+    "chatglm3_tools",
+    "glm4_tools",
+]
+FORMATS: tuple[str, ...] = (
+    "paragraph",
+    "prompt_completion",
+    "alpaca",
+    "conversations",
+    "input_target",
+    "chatglm3_tools",
+    "glm4_tools",
+)
 
 _BOM = b"\xef\xbb\xbf"
 _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as decoded by "surrogateescape"
@@ -192,12 +213,127 @@ def parse_input_target(obj: dict, src: str) -> Dialogue:
     return Dialogue(turns=[(query, target)], source=src)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Tool-call dialogues: kept whole as published chat messages in `Dialogue.meta["messages"]` (the template
+# renders and labels them, glmtune/tokenizers/tool_prompts.py); `turns` holds (message before, answer) for
+# each assistant text, for reports and prediction.
+
+_TOOL_ROLES = ("system", "user", "assistant", "observation")
+# The system message ChatGLM3's fine-tuning demo puts first when a record has `tools`.
+_CHATGLM3_TOOLS_PROMPT = (
+    "Answer the following questions as best as you can. You have access to the following tools:"
+)
+
+
+def _chatglm3_tool_call(message: dict, src: str, where: str) -> list[dict[str, Any]]:
+    """A ChatGLM3 demo `tool` message -> the assistant's call (`tool_call(k=v)` in a python block, the tool's
+    name as metadata, as the demo formats it) and the observation (JSON unless a string)."""
+    for key, kind in (("name", str), ("parameters", dict), ("observation", object)):
+        if message.get(key) is None:
+            raise DataError(src, "missing", f"{where}.{key}")
+        if not isinstance(message[key], kind):
+            raise DataError(
+                src, f"expected {kind.__name__}, got {type(message[key]).__name__}", f"{where}.{key}"
+            )
+    name, parameters = message["name"], message["parameters"]
+    keywords = [ast.keyword(arg=k, value=ast.Constant(v)) for k, v in parameters.items()]
+    call = ast.unparse(ast.Call(func=ast.Name(id="tool_call"), args=[], keywords=keywords))
+    observation = message["observation"]
+    if not isinstance(observation, str):
+        observation = json.dumps(observation, ensure_ascii=False)
+    loss = {"loss": message["loss"]} if "loss" in message else {}
+    return [
+        {"role": "assistant", "metadata": name, "content": f"```python\n{call}\n```", **loss},
+        {"role": "observation", "content": observation},
+    ]
+
+
+def _tool_message(message: Any, src: str, where: str, roles: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise DataError(src, f"expected an object, got {type(message).__name__}", where)
+    role = message.get("role")
+    if role not in roles:
+        raise DataError(src, f"unknown role {role!r}; expected one of {', '.join(roles)}", f"{where}.role")
+    out: dict[str, Any] = {"role": role, "content": _text(message.get("content"), src, f"{where}.content")}
+    for key, kind in (("metadata", str), ("tools", list), ("loss", bool)):
+        if message.get(key) is not None:
+            if not isinstance(message[key], kind):
+                raise DataError(
+                    src, f"expected {kind.__name__}, got {type(message[key]).__name__}", f"{where}.{key}"
+                )
+            out[key] = message[key]
+    if "tools" in out and role != "system":
+        raise DataError(src, "tools go on a system message", f"{where}.tools")
+    if role == "assistant" and out.get("loss", True) and not out["content"].strip():
+        raise DataError(src, "empty answer", f"{where}.content")
+    return out
+
+
+def _tool_dialogue(messages: list[dict[str, Any]], src: str, name: str) -> Dialogue:
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(src, "the last message must be an assistant answer", name)
+    turns = [
+        (before["content"], m["content"])
+        for before, m in zip(messages, messages[1:])
+        if m["role"] == "assistant" and before["role"] != "assistant"
+    ]
+    system = next((m["content"] for m in messages if m["role"] == "system" and m["content"]), None)
+    return Dialogue(turns=turns, system=system, source=src, meta={"messages": messages})
+
+
+def parse_chatglm3_tools(obj: dict, src: str) -> Dialogue:
+    """ChatGLM3's fine-tuning format: `{"tools"?, "conversations": [{"role", "content"} | {"role": "tool",
+    "name", "parameters", "observation"}]}`; assistant messages may carry `metadata` and observations come as
+    `observation` messages too (the published history format)."""
+    conversations = _get(obj, "conversations", src, kind=list)
+    tools = _get(obj, "tools", src, kind=list, required=False)
+    messages = [{"role": "system", "content": _CHATGLM3_TOOLS_PROMPT, "tools": tools}] if tools else []
+    for i, message in enumerate(conversations):
+        where = f"conversations[{i}]"
+        if isinstance(message, dict) and message.get("role") == "tool":
+            messages += _chatglm3_tool_call(message, src, where)
+        else:
+            messages.append(_tool_message(message, src, where, _TOOL_ROLES))
+    return _tool_dialogue(messages, src, "conversations")
+
+
+def parse_glm4_tools(obj: dict, src: str) -> Dialogue:
+    """GLM-4's fine-tuning format: `{"messages": [{"role", "content", "metadata"?, "tools"?}]}`, tools on the
+    system message (`{"type": "function", "function": {...}}`), tool results as `observation` messages."""
+    raw = _get(obj, "messages", src, kind=list)
+    messages = [_tool_message(m, src, f"messages[{i}]", _TOOL_ROLES) for i, m in enumerate(raw)]
+    return _tool_dialogue(messages, src, "messages")
+
+
+def _has_tool_calls(obj: dict) -> bool:
+    """Whether a `conversations` / `messages` record is tool-call data rather than a plain chat."""
+    if "conversations" in obj:
+        items = obj["conversations"]
+        return "tools" in obj or (
+            isinstance(items, list) and any(isinstance(m, dict) and "role" in m for m in items)
+        )
+    items = obj.get("messages")
+    return isinstance(items, list) and any(
+        isinstance(m, dict) and ("tools" in m or "metadata" in m or m.get("role") == "observation")
+        for m in items
+    )
+
+
+def parse_conversations_or_tools(obj: dict, src: str) -> Dialogue:
+    """The `conversations` format: a plain chat, or tool-call data in ChatGLM3's or GLM-4's format."""
+    if not _has_tool_calls(obj):
+        return parse_conversations(obj, src)
+    return parse_chatglm3_tools(obj, src) if "conversations" in obj else parse_glm4_tools(obj, src)
+
+
 PARSERS: dict[str, Callable[[dict, str], Dialogue]] = {
     "paragraph": parse_paragraph,
     "prompt_completion": parse_prompt_completion,
     "alpaca": parse_alpaca,
-    "conversations": parse_conversations,
+    "conversations": parse_conversations_or_tools,
     "input_target": parse_input_target,
+    "chatglm3_tools": parse_chatglm3_tools,
+    "glm4_tools": parse_glm4_tools,
 }
 
 

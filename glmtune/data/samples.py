@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from glmtune.data.readers import Dialogue
+from glmtune.data.readers import DataError, Dialogue
 
 # The label of a token the loss skips (PyTorch's cross_entropy default ignore_index).
 IGNORE_INDEX = -100
@@ -70,6 +70,15 @@ def _accepts(fn: Callable | None, name: str) -> bool:
 def build_samples(dialogue: Dialogue, template: Template, multi_turn: MultiTurn = "per_turn") -> list[Sample]:
     """The (input_ids, labels) samples of one dialogue: one per turn with the earlier turns as history
     ("per_turn"), or one for the whole dialogue supervising every answer ("dialogue")."""
+    if "messages" in dialogue.meta:  # a tool-call dialogue: one sample, rendered by the template whole
+        build_messages = getattr(template, "build_messages_sample", None)
+        if build_messages is None:
+            raise DataError(
+                dialogue.source,
+                f"tool-call data needs a ChatGLM3 or GLM-4 template, not {template_name(template)!r}",
+            )
+        ids, labels = build_messages(dialogue.meta["messages"])
+        return [(list(ids), list(labels))]
     turns = list(dialogue.turns)
     method = (
         template.build_train_sample

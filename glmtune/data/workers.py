@@ -165,6 +165,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
             continue
         try:
             built = build_samples(dialogue, template, multi_turn)
+        except DataError:  # data the template cannot take (tool calls for a template without tools)
+            raise
         except Exception as e:
             raise RuntimeError(f"{dialogue.source}: the template failed: {type(e).__name__}: {e}") from e
         written = 0

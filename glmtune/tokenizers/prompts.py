@@ -28,6 +28,7 @@ from typing import Any, ClassVar, NamedTuple
 from transformers import PreTrainedTokenizerBase
 
 from glmtune.data.samples import IGNORE_INDEX
+from glmtune.tokenizers.tool_prompts import build_messages_sample
 
 History = Sequence[Sequence[str] | Mapping[str, Any]]
 Parts = list[tuple[str, bool]]  # prompt text in pieces; True marks an (earlier) answer to supervise
@@ -390,6 +391,7 @@ class ChatGLM3Template(ChatTemplate):
     chat_format: ClassVar[bool] = True
     protected_head = 2
     protected_tail = 1  # the final <|assistant|>
+    label_newline: ClassVar[bool] = True  # the metadata line after <|assistant|> is learnt
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_format: bool | None = None) -> None:
         if chat_format is not None and chat_format != self.chat_format:
@@ -431,6 +433,10 @@ class ChatGLM3Template(ChatTemplate):
             if ids[start] == assistant:  # metadata line + content, and the next role token that ends it
                 labels[start + 1 : end + 1] = ids[start + 1 : end + 1]
         return TrainSample(ids, labels)
+
+    def build_messages_sample(self, messages: Sequence[Mapping[str, Any]]) -> TrainSample:
+        """A tool-call dialogue (see glmtune/tokenizers/tool_prompts.py), every assistant message learnt."""
+        return TrainSample(*build_messages_sample(self.tokenizer, messages, label_first=self.label_newline))
 
     def build_train_sample(
         self,
@@ -498,7 +504,7 @@ class GLM4Template(ChatGLM3Template):
     way."""
 
     name = "glm4"
-    label_newline: ClassVar[bool] = False  # the demo's `combine: false`
+    label_newline = False  # True is the demo's `combine: false`
 
     def labelled_prompt(
         self, query: str, history: History | None = None, system: str | None = None
