@@ -2,7 +2,7 @@
 
 python infer_api.py                                    # the base model of the task config
 python infer_api.py --checkpoint output/run/final      # a trained artifact (LoRA or fine-tuned, read from it)
-python infer_api.py --api-key KEY --ui                 # require a key; also serve the Gradio chat at /chat
+GLMTUNE_API_KEY=... python infer_api.py --ui          # require a key; also serve the Gradio chat at /chat
 """
 
 import sys

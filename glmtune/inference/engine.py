@@ -17,9 +17,10 @@ from glmtune.config import GenerationArgs
 History = list[tuple[str, str]]
 
 
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """Text up to the first stop string (excluded), and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+def cut_at_stop(text: str, stops: Sequence[str], start: int = 0) -> tuple[str, bool]:
+    """Text up to the first stop string (excluded), and whether one was found, looking from `start` on (a
+    stream looks only where the newest text could complete one, so each token costs O(new text))."""
+    cut = min((i for i in (text.find(s, start) for s in stops if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
@@ -201,11 +202,13 @@ class ChatEngine:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         stops = overrides.get("stop") or self.generation.stop
+        longest_stop = max((len(s) for s in stops), default=0)
         text, shown, stopped = "", "", False
         try:
             for piece in streamer:
+                unsettled = max(0, len(text) - longest_stop + 1)  # earlier text held no stop string
                 text += piece
-                shown, stopped = cut_at_stop(text, stops)
+                shown, stopped = cut_at_stop(text, stops, unsettled)
                 yield shown
                 if stopped:
                     break

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Generator, Sequence
@@ -22,10 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from glmtune.inference.engine import ChatEngine, Completion, held_back
-from glmtune.serving.limits import RequestError, answer_budget
+from glmtune.inference.engine import ChatEngine, Completion, History, held_back
+from glmtune.serving.guards import OPEN_PATHS, BearerAuth, BodyLimits, HostAllowList
+from glmtune.serving.limits import AdmissionGate, RequestError, ServingLimits, answer_budget
 from glmtune.serving.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -46,45 +46,14 @@ from glmtune.serving.web import mount_chat_ui
 
 log = logging.getLogger("glmtune.serving")
 
-# Paths a browser opens without an Authorization header: the health probe and the API docs (no model access).
-OPEN_PATHS = ("/health", "/docs", "/redoc", "/openapi.json")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse},
     401: {"model": ErrorResponse},
+    413: {"model": ErrorResponse},
+    429: {"model": ErrorResponse},
 }
-
-
-class BearerAuth:
-    """ASGI middleware: every HTTP request outside `open_prefixes` needs `Authorization: Bearer <key>`.
-
-    A middleware rather than a FastAPI dependency so that the key is checked before the body is parsed: a
-    client without the key learns nothing about what a valid body looks like.
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str, open_prefixes: Sequence[str] = OPEN_PATHS) -> None:
-        self.app = app
-        self.key = api_key.encode()
-        self.open_prefixes = tuple(open_prefixes)
-
-    def _is_open(self, path: str) -> bool:
-        return any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.open_prefixes)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._is_open(scope["path"]):
-            await self.app(scope, receive, send)
-            return
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key):
-            await self.app(scope, receive, send)
-            return
-        error = RequestError(
-            "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-            401,
-            kind="authentication_error",
-        )
-        response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
+# Below this a temperature divides the logits into inf/nan; vLLM treats it as greedy, and so do we.
+GREEDY_BELOW = 1e-5
 
 
 def _validation_message(errors: Sequence[Any], content_type: str) -> str:
@@ -131,14 +100,15 @@ def conversation(messages: Sequence[ChatMessage]) -> tuple[str, list[tuple[str, 
 
 
 def sampling(temperature: float | None, top_p: float | None) -> dict[str, Any]:
-    """Client sampling settings as ChatEngine overrides: temperature 0 means greedy, > 0 means sampling.
+    """Client sampling settings as ChatEngine overrides: a temperature of (nearly) 0 means greedy, above
+    that sampling.
 
     Unset values keep the server's generation config (greedy in the default config).
     """
     overrides: dict[str, Any] = {}
     if temperature is not None:
-        overrides["do_sample"] = temperature > 0
-        if temperature > 0:
+        overrides["do_sample"] = temperature >= GREEDY_BELOW
+        if temperature >= GREEDY_BELOW:
             overrides["temperature"] = temperature
     if top_p is not None:
         overrides["top_p"] = top_p
@@ -173,44 +143,61 @@ class DeltaTracker:
         return delta
 
 
-def _step(stream: Generator[str, None, Completion]) -> tuple[bool, Any]:
-    """One step of a stream_chat generator in a worker thread: (finished, yielded text or Completion)."""
+def _step(stream: Generator[str, None, Completion], tracker: DeltaTracker) -> tuple[bool, Any]:
+    """One step of a stream_chat generator in a worker thread, the stop-string hold-back included (it costs
+    CPU the event loop must not spend): (finished, the next delta or the Completion)."""
     try:
-        return False, next(stream)
+        return False, tracker.update(next(stream))
     except StopIteration as end:
         return True, end.value
 
 
 def create_app(
-    engine: ChatEngine, *, model_name: str = "glmtune", api_key: str | None = None, ui_path: str | None = None
+    engine: ChatEngine,
+    *,
+    model_name: str = "glmtune",
+    api_key: str | None = None,
+    ui_path: str | None = None,
+    limits: ServingLimits | None = None,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `engine`; with `api_key`, every route but /health and the docs needs it.
+    """The FastAPI app serving `engine`; with `api_key`, every route but /health needs it.
 
     `ui_path` (e.g. "/chat") also mounts the Gradio web chat there; with `api_key` its login asks for the key
-    as the password (a browser cannot send a Bearer header).
+    as the password (a browser cannot send a Bearer header). `allowed_hosts`: the only Host headers served
+    (a keyless server on loopback names itself, so a DNS-rebinding page cannot reach it).
     """
+    if api_key is not None and not api_key:
+        raise ValueError("the API key is empty: that would let anyone in")
     app = FastAPI(title="glmtune API", description="ChatGLM-style and OpenAI-compatible chat on one model.")
     app.state.engine = engine
     app.state.model_name = model_name
+    limits = limits or ServingLimits()
+    gate = app.state.gate = AdmissionGate(limits.max_queue)
     add_error_handlers(app)
     add_info_routes(app, model_name)
-    add_chatglm_route(app, engine)
-    add_openai_chat_route(app, engine, model_name)
+    add_chatglm_route(app, engine, gate)
+    add_openai_chat_route(app, engine, model_name, gate)
     open_paths = OPEN_PATHS
     if ui_path:
         mount_chat_ui(app, engine, ui_path, title=f"glmtune chat: {model_name}", password=api_key)
-        open_paths = (*OPEN_PATHS, ui_path)
+        open_paths = (*OPEN_PATHS, ui_path)  # behind Gradio's own login, which asks for the key
+    # Added last runs first: the Host, then the key, then the body.
+    app.add_middleware(BodyLimits, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key, open_prefixes=open_paths)
+    if allowed_hosts:
+        app.add_middleware(HostAllowList, hosts=allowed_hosts)
     return app
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error, ours, pydantic's or Starlette's, as an OpenAI-style error body naming what was wrong."""
+    """Every error, ours, pydantic's or Starlette's, as an OpenAI-style error body naming what was wrong; a
+    bug as a 500 in the same shape that says nothing of the internals (they go to the server log)."""
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return err.response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -227,6 +214,11 @@ def add_error_handlers(app: FastAPI) -> None:
             status_code=err.status_code,
             headers=getattr(err, "headers", None),
         )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=err)
+        return RequestError("internal server error (see the server log)", 500, kind="server_error").response()
 
 
 def add_info_routes(app: FastAPI, model_name: str) -> None:
@@ -251,7 +243,7 @@ async def prompt_length(
         raise RequestError(f"messages: {err}", param="messages") from err
 
 
-def add_chatglm_route(app: FastAPI, engine: ChatEngine) -> None:
+def add_chatglm_route(app: FastAPI, engine: ChatEngine, gate: AdmissionGate) -> None:
     """POST /, as THUDM ChatGLM's api.py: one answer with the updated history."""
     default_new_tokens = engine.generation.max_new_tokens
 
@@ -259,12 +251,16 @@ def add_chatglm_route(app: FastAPI, engine: ChatEngine) -> None:
     async def chatglm(body: ChatGLMRequest) -> ChatGLMResponse:
         """THUDM ChatGLM api.py: one answer with the updated history."""
         history = list(body.history or [])
-        prompt_tokens = await prompt_length(engine, body.prompt, history, None)
-        budget = answer_budget(
-            prompt_tokens, engine.context_length, default_new_tokens, max_length=body.max_length
-        )
-        overrides = {**sampling(body.temperature, body.top_p), "max_new_tokens": budget}
-        completion = await run_in_threadpool(engine.complete, body.prompt, history, None, **overrides)
+        gate.enter()
+        try:
+            prompt_tokens = await prompt_length(engine, body.prompt, history, None)
+            budget = answer_budget(
+                prompt_tokens, engine.context_length, default_new_tokens, max_length=body.max_length
+            )
+            overrides = {**sampling(body.temperature, body.top_p), "max_new_tokens": budget}
+            completion = await run_in_threadpool(engine.complete, body.prompt, history, None, **overrides)
+        finally:
+            gate.leave()
         log.info(
             "POST / prompt=%d tokens answer=%d tokens", completion.prompt_tokens, completion.completion_tokens
         )
@@ -276,13 +272,24 @@ def add_chatglm_route(app: FastAPI, engine: ChatEngine) -> None:
         )
 
 
-def add_openai_chat_route(app: FastAPI, engine: ChatEngine, model_name: str) -> None:
+def add_openai_chat_route(app: FastAPI, engine: ChatEngine, model_name: str, gate: AdmissionGate) -> None:
     """POST /v1/chat/completions, OpenAI's chat API: one answer, or server-sent events with `stream`."""
     default_new_tokens = engine.generation.max_new_tokens
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
         query, history, system = conversation(body.messages)
+        gate.enter()
+        streaming = False
+        try:
+            response = await _answer(body, query, history, system)
+            streaming = isinstance(response, GatedStream)
+            return response
+        finally:
+            if not streaming:  # a stream leaves the gate when it ends
+                gate.leave()
+
+    async def _answer(body: ChatCompletionRequest, query: str, history: History, system: str | None):
         prompt_tokens = await prompt_length(engine, query, history, system)
         budget = answer_budget(
             prompt_tokens,
@@ -295,7 +302,8 @@ def add_openai_chat_route(app: FastAPI, engine: ChatEngine, model_name: str) -> 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = SSEStream(engine, model_name, completion_id, include_usage)
-            return StreamingResponse(
+            return GatedStream(
+                gate,
                 stream.events(query, history, system, overrides),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -314,6 +322,21 @@ def add_openai_chat_route(app: FastAPI, engine: ChatEngine, model_name: str) -> 
             ],
             usage=usage(completion),
         )
+
+
+class GatedStream(StreamingResponse):
+    """A streamed answer that holds its place in the admission gate until the stream has ended, however it
+    ends (finished, failed, or the client gone)."""
+
+    def __init__(self, gate: AdmissionGate, content: AsyncIterator[str], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gate.leave()
 
 
 def usage(completion: Completion) -> Usage:
@@ -361,12 +384,11 @@ class SSEStream:
                 [ChunkChoice(index=0, delta=Delta(role="assistant", content=""), finish_reason=None)]
             )
             while True:
-                finished, value = await run_in_threadpool(_step, stream)
+                finished, value = await run_in_threadpool(_step, stream, tracker)
                 if finished:
                     break
-                delta = tracker.update(value)
-                if delta:
-                    yield self.content(delta)
+                if value:
+                    yield self.content(value)
             completion: Completion = value
             rest = tracker.finish(completion.text)
             if rest:
@@ -375,11 +397,13 @@ class SSEStream:
             if self.include_usage:
                 yield self.chunk([], usage(completion))
             yield "data: [DONE]\n\n"
-        except Exception as err:
-            # The 200 status and earlier chunks are already sent: report in the stream, as OpenAI does.
+        except Exception:
+            # The 200 status and earlier chunks are already sent: report in the stream, as OpenAI does, and
+            # end it as every stream ends; what went wrong inside is for the server log, not the client.
             log.exception("generation failed while streaming %s", self.completion_id)
-            error = RequestError(f"generation failed: {err}", 500, kind="server_error")
+            error = RequestError("generation failed (see the server log)", 500, kind="server_error")
             yield f"data: {json.dumps(error.body())}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
             # Closing the generator stops generate() at its next token (client gone, or done anyway).
             with anyio.CancelScope(shield=True):

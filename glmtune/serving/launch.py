@@ -15,6 +15,8 @@ from glmtune.inference.artifacts import load_artifact, load_base, load_finetuned
 from glmtune.inference.cli import exits_on_user_error
 from glmtune.inference.engine import ChatEngine
 from glmtune.serving.api import create_app
+from glmtune.serving.guards import LOOPBACK_HOSTS, header_timeout_protocol
+from glmtune.serving.limits import ServingLimits
 from glmtune.serving.web import gradio_module
 from glmtune.training.registry import HPARAMS_FILE, tuning_method
 
@@ -41,7 +43,7 @@ def api_parser(description: str) -> ArgumentParser:
         "--host",
         type=str,
         default="127.0.0.1",
-        help="Address to listen on (0.0.0.0 exposes the server to the network: set --api-key).",
+        help="Address to listen on; any but loopback needs an API key (or an explicit --no_auth).",
     )
     parser.add_argument("--port", type=int, default=8000, help="TCP port.")
     parser.add_argument(
@@ -49,7 +51,44 @@ def api_parser(description: str) -> ArgumentParser:
         "--api_key",
         type=str | None,
         default=None,
-        help=f"Require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key).",
+        help=f"Require 'Authorization: Bearer KEY'. Visible to every local user in `ps`: prefer ${API_KEY_ENV} "
+        "or --api_key_file.",
+    )
+    parser.add_argument(
+        "--api_key_file",
+        type=str | None,
+        default=None,
+        help="Read the API key from this file (its first line).",
+    )
+    parser.add_argument(
+        "--no_auth",
+        action=ActionYesNo,
+        default=False,
+        help="Serve a non-loopback --host without any key: anyone who can reach it can use the model.",
+    )
+    parser.add_argument(
+        "--max_queue",
+        type=int,
+        default=ServingLimits.max_queue,
+        help="Generation requests held at once (running or waiting); past it clients get 429 and Retry-After.",
+    )
+    parser.add_argument(
+        "--max_body_bytes",
+        type=int,
+        default=ServingLimits.max_body_bytes,
+        help="Largest request body accepted (413 past it).",
+    )
+    parser.add_argument(
+        "--body_timeout",
+        type=float,
+        default=ServingLimits.body_timeout_s,
+        help="Seconds a client may take to send a request body (408 past it).",
+    )
+    parser.add_argument(
+        "--header_timeout",
+        type=float,
+        default=10.0,
+        help="Seconds a client may take to send a request's headers (the connection is closed past it).",
     )
     parser.add_argument(
         "--model_name",
@@ -113,6 +152,50 @@ def check_address(host: str, port: int) -> None:
             raise ConfigError(f"--host {host} --port {port}: cannot listen there ({err.strerror})") from None
 
 
+def read_api_key(flag: str | None, key_file: str | None) -> str | None:
+    """The key from --api_key, --api_key_file or $GLMTUNE_API_KEY (one of them); None when none is given.
+
+    A key that is given but empty is refused: it would silently turn authentication off.
+    """
+    if flag is not None and key_file is not None:
+        raise ConfigError("--api_key and --api_key_file both give a key: pass one")
+    if key_file is not None:
+        path = resolve_path(key_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--api_key_file {path}: cannot read it ({err})") from None
+        key, source = (lines[0].strip() if lines else ""), f"--api_key_file {path}"
+    elif flag is not None:
+        key, source = flag, "--api_key"
+    elif API_KEY_ENV in os.environ:
+        key, source = os.environ[API_KEY_ENV], f"${API_KEY_ENV}"
+    else:
+        return None
+    if not key.strip():
+        raise ConfigError(f"{source}: the API key is empty (that would let anyone in)")
+    return key
+
+
+def check_auth(host: str, api_key: str | None, no_auth: bool) -> None:
+    """A server reachable from other machines needs a key, unless the user says outright that it must not."""
+    if api_key and no_auth:
+        raise ConfigError("--no_auth and an API key contradict each other: drop one")
+    if not api_key and not no_auth and host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"--host {host} without an API key would serve anyone who can reach it: set ${API_KEY_ENV} or "
+            "--api_key_file, or pass --no_auth to do so on purpose"
+        )
+
+
+def allowed_hosts(host: str, api_key: str | None) -> list[str] | None:
+    """Host headers a keyless loopback server answers (its own names): a web page that rebinds its DNS name to
+    127.0.0.1 sends its own name and is refused. A server with a key, or one open on purpose, takes any."""
+    if api_key or host not in LOOPBACK_HOSTS:
+        return None
+    return sorted({*LOOPBACK_HOSTS, host})
+
+
 def default_model_name(cfg: TaskConfig, checkpoint: str | None) -> str:
     name = resolve_path(cfg.model.path).name
     if checkpoint is None:
@@ -122,18 +205,42 @@ def default_model_name(cfg: TaskConfig, checkpoint: str | None) -> str:
     return f"{name}+{artifact.parent.name if artifact.name == 'final' else artifact.name}"
 
 
+def uvicorn_limits(header_timeout_s: float) -> dict:
+    """uvicorn settings that keep slow or idle clients from holding connections."""
+    return dict(
+        http=header_timeout_protocol(header_timeout_s),
+        timeout_keep_alive=5,  # an idle keep-alive connection
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers
+        # Open streams (a browser's web chat) would otherwise hold Ctrl-C's graceful shutdown open indefinitely.
+        timeout_graceful_shutdown=10,
+    )
+
+
 @exits_on_user_error
 def main(description: str, argv: list[str] | None = None) -> int:
     import uvicorn
 
     cfg, ns = parse_args(api_parser(description), argv)
+    api_key = read_api_key(ns.api_key, ns.api_key_file)
+    check_auth(ns.host, api_key, ns.no_auth)
+    limits = ServingLimits(ns.max_queue, ns.max_body_bytes, ns.body_timeout)
+    if ns.max_queue < 1 or ns.max_body_bytes < 1 or ns.body_timeout <= 0 or ns.header_timeout <= 0:
+        raise ConfigError(
+            "--max_queue, --max_body_bytes, --body_timeout and --header_timeout must be positive"
+        )
     check_address(ns.host, ns.port)
     if ns.ui:
         gradio_module()
     engine = load_engine(cfg, ns.model_kind, ns.checkpoint, ns.device)
-    api_key = ns.api_key or os.environ.get(API_KEY_ENV) or None
     name = ns.model_name or default_model_name(cfg, ns.checkpoint)
-    app = create_app(engine, model_name=name, api_key=api_key, ui_path="/chat" if ns.ui else None)
+    app = create_app(
+        engine,
+        model_name=name,
+        api_key=api_key,
+        ui_path="/chat" if ns.ui else None,
+        limits=limits,
+        allowed_hosts=allowed_hosts(ns.host, api_key),
+    )
     where = f"http://{ns.host}:{ns.port}"
     print(
         f"serving {name}: POST {where}/ (ChatGLM), {where}/v1/chat/completions (OpenAI)"
@@ -141,12 +248,11 @@ def main(description: str, argv: list[str] | None = None) -> int:
         + (" (API key required)" if api_key else ""),
         flush=True,
     )
-    if not api_key and ns.host not in ("127.0.0.1", "localhost", "::1"):
+    if ns.no_auth:
         print(
-            f"warning: listening on {ns.host} without --api-key: anyone who can reach it can use the model",
+            f"warning: --no_auth: anyone who can reach {ns.host} can use the model",
             file=sys.stderr,
             flush=True,
         )
-    # Open streams (a browser's web chat) would otherwise hold Ctrl-C's graceful shutdown open indefinitely.
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level="info", timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level="info", **uvicorn_limits(ns.header_timeout))
     return 0

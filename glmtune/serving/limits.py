@@ -6,7 +6,10 @@ past the model's context either crash inside the model or silently produce garba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+from starlette.responses import JSONResponse
 
 
 class RequestError(Exception):
@@ -19,15 +22,20 @@ class RequestError(Exception):
         *,
         param: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.kind = kind
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def answer_budget(
@@ -73,3 +81,41 @@ def answer_budget(
             param="messages",
         )
     return default_new_tokens if context is None else min(default_new_tokens, context - prompt_tokens)
+
+
+class AdmissionGate:
+    """At most `capacity` generation requests held at once (running or waiting for the model); past that a
+    request is refused at once with 429, so a burst cannot queue without bound and latency stays bounded.
+
+    Only touched from the event loop's thread, so a plain counter needs no lock.
+    """
+
+    def __init__(self, capacity: int, retry_after_s: int = 1) -> None:
+        if capacity < 1:
+            raise ValueError(f"the queue must hold at least one request (got {capacity})")
+        self.capacity = capacity
+        self.retry_after_s = retry_after_s
+        self.held = 0
+
+    def enter(self) -> None:
+        if self.held >= self.capacity:
+            raise RequestError(
+                f"the server is busy ({self.held} requests queued or running, at most {self.capacity}): "
+                f"retry after {self.retry_after_s} s",
+                429,
+                kind="rate_limit_error",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        self.held += 1
+
+    def leave(self) -> None:
+        self.held -= 1
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """How much one server takes on: requests held at once, body size, and how long a body may take."""
+
+    max_queue: int = 64
+    max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: float = 30.0

@@ -7,9 +7,28 @@ wrong types and out-of-range values are errors.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+# Bounds that keep the per-token stop-string check cheap, as OpenAI's API sets them (it allows 4 stops).
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+
+
+def _encodable(text: str) -> str:
+    """JSON may carry a lone surrogate (`"\\ud800"`) that no tokenizer can encode: refuse it as bad input."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"the text is not valid Unicode (a lone surrogate at character {err.start})"
+        ) from None
+    return text
+
+
+# Every string that reaches the tokenizer is checked as it is parsed, so the error names its field.
+Text = Annotated[str, AfterValidator(_encodable)]
 
 # --- ChatGLM (THUDM api.py) -----------------------------------------------------------------------------------
 
@@ -19,8 +38,8 @@ class ChatGLMRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str
-    history: list[tuple[str, str]] | None = None
+    prompt: Text
+    history: list[tuple[Text, Text]] | None = None
     max_length: int | None = Field(default=None, ge=1)
     top_p: float | None = Field(default=None, gt=0, le=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -40,7 +59,7 @@ class TextPart(BaseModel):
     """A content part; only text is meaningful to a text model."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -48,7 +67,7 @@ class ChatMessage(BaseModel):
 
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     @property
     def text(self) -> str:
@@ -68,7 +87,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -84,8 +103,14 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _stop_list(cls, stop: str | list[str] | None) -> list[str] | None:
         stops = [stop] if isinstance(stop, str) else stop
-        if stops is not None and any(not s for s in stops):
+        if stops is None:
+            return None
+        if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings are allowed (got {len(stops)})")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters long")
         return stops
 
 

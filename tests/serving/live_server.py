@@ -24,13 +24,16 @@ class LiveServer:
         assert not self.thread.is_alive(), "uvicorn did not shut down"
 
 
-def start_server(app) -> LiveServer:
-    """uvicorn in a thread, on a socket bound before it starts (no port race)."""
+def start_server(app, **uvicorn_settings) -> LiveServer:
+    """uvicorn in a thread, on a socket bound before it starts (no port race); `uvicorn_settings` go to its
+    Config (infer_api.py's limits, say)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(app, **{"log_level": "warning", "timeout_graceful_shutdown": 5, **uvicorn_settings})
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
