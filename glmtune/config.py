@@ -29,6 +29,8 @@ TINY_MODEL_PATH = "output/tiny-chatglm2"
 
 Family = Literal["auto", "chatglm", "chatglm2", "chatglm3", "glm4", "hf"]
 Method = Literal["full", "freeze", "ptv2", "lora", "adalora", "ia3"]
+# sft: supervised fine-tuning on answers; dpo: Direct Preference Optimization on chosen / rejected pairs.
+Stage = Literal["sft", "dpo"]
 
 
 class ConfigError(ValueError):
@@ -255,6 +257,32 @@ class FreezeArgs:
             raise ConfigError(f"freeze.num_trainable_layers must be >= 1, got {self.num_trainable_layers}")
 
 
+@dataclass
+class DpoArgs:
+    """Direct Preference Optimization (`stage: dpo`): the policy learns to prefer each pair's chosen answer over
+    its rejected one, against a reference (the base model: the same model with its adapter disabled).
+
+    Args:
+        beta: strength of the pull towards the reference (TRL's beta; larger = stay closer to it).
+        label_smoothing: assumed share of pairs whose labels are flipped (conservative DPO; sigmoid loss only).
+        loss: sigmoid (the DPO paper's -log sigmoid(beta * margin)) or ipo ((margin - 1 / (2 beta))^2).
+    """
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ConfigError(
+                "dpo.label_smoothing applies to the sigmoid loss only; set it to 0 with loss ipo"
+            )
+
+
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 
 
@@ -395,12 +423,14 @@ class TaskConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     method: Method = "lora"
+    stage: Stage = "sft"
     lora: LoraArgs = field(default_factory=LoraArgs)
     adalora: AdaLoraArgs = field(default_factory=AdaLoraArgs)
     ptv2: PtuningArgs = field(default_factory=PtuningArgs)
     freeze: FreezeArgs = field(default_factory=FreezeArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     generation: GenerationArgs = field(default_factory=GenerationArgs)
+    dpo: DpoArgs = field(default_factory=DpoArgs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -415,6 +445,7 @@ SECTIONS: dict[str, type] = {
     "freeze": FreezeArgs,
     "train": TrainArgs,
     "generation": GenerationArgs,
+    "dpo": DpoArgs,
 }
 
 
@@ -438,6 +469,12 @@ def build_parser(description: str, sections: list[str] | None = None) -> Argumen
         help="Task YAML file (default: the embedded default, a copy of config/default.yaml).",
     )
     parser.add_argument("--method", type=Method, default="lora", help="Tuning method.")
+    parser.add_argument(
+        "--stage",
+        type=Stage,
+        default="sft",
+        help="Training stage: sft (supervised answers) or dpo (preference pairs, see the dpo section).",
+    )
     for name in sections or list(SECTIONS):
         parser.add_class_arguments(SECTIONS[name], name, fail_untyped=False, sub_configs=True)
     return parser
@@ -482,7 +519,7 @@ def parse_args(parser: ArgumentParser, argv: list[str] | None = None) -> tuple[T
 def namespace_to_task(ns: Namespace) -> TaskConfig:
     from jsonargparse import Namespace
 
-    kwargs: dict[str, Any] = {"method": ns.get("method", "lora")}
+    kwargs: dict[str, Any] = {"method": ns.get("method", "lora"), "stage": ns.get("stage", "sft")}
     for name, cls in SECTIONS.items():
         section = ns.get(name)
         if section is None:

@@ -45,6 +45,8 @@ from glmtune.training.methods import (
     save_artifact,
 )
 from glmtune.training.module import CausalLMModule, check_optimizer, steps_per_epoch
+from glmtune.training.preference import DPOModule
+from glmtune.training.preference_data import check_preference_config, preference_loaders
 from glmtune.training.registry import HPARAMS_FILE
 
 
@@ -91,6 +93,8 @@ def check_half_precision(cfg: TaskConfig) -> None:
 def check_config(cfg: TaskConfig) -> None:
     """Everything that can be refused before records are built and weights loaded."""
     check_method(cfg)
+    if cfg.stage == "dpo":
+        check_preference_config(cfg)
     check_optimizer(cfg.train)
     check_half_precision(cfg)
     if cfg.model.quantization != "none":
@@ -419,7 +423,7 @@ def train(
     """Train `cfg.method` on `cfg.data` and save the artifact; every data-parallel process runs this."""
     check_config(cfg)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    records, train_loader, eval_loader = _data(cfg)
+    records, train_loader, eval_loader = preference_loaders(cfg) if cfg.stage == "dpo" else _data(cfg)
     tokenizer = records.tokenizer
     model = load_for_method(cfg)
     scorer = generation_eval(cfg, records)
@@ -461,7 +465,12 @@ def train(
             f"{total_steps} optimizer steps"
         )
 
-    module = module_cls(model, cfg.train, total_steps, method=cfg.method)
+    if cfg.stage == "dpo":
+        # The preference loss replaces the supervised one (models.py's loss is the sft stage's).
+        dpo_cls = module_cls if issubclass(module_cls, DPOModule) else DPOModule
+        module = dpo_cls(model, cfg.train, total_steps, method=cfg.method, dpo=cfg.dpo)
+    else:
+        module = module_cls(model, cfg.train, total_steps, method=cfg.method)
     out = Path(cfg.train.output_dir)
     if trainer.is_global_zero:
         write_hparams(cfg, out)

@@ -70,6 +70,7 @@ def test_every_config_key_is_read(reads, tiny_data, tmp_path, monkeypatch) -> No
     from glmtune.inference.artifacts import load_base
     from glmtune.models.loading import load_model
     from glmtune.training.methods import apply_method
+    from glmtune.training.preference import dpo_loss
     from glmtune.training.trainer import load_for_method, train
 
     model_dir = build_tiny_chatglm2(tmp_path / "tiny", dataclasses.replace(TINY))
@@ -90,6 +91,8 @@ def test_every_config_key_is_read(reads, tiny_data, tmp_path, monkeypatch) -> No
     apply_method(load_for_method(cfg), cfg, 10)
     cfg.method = "lora"
     load_base(cfg)
+    # stage: dpo's loss settings (its run is tests/training/test_dpo.py's).
+    dpo_loss(*[torch.zeros(1)] * 4, cfg.dpo)
 
     for key, test_file in READ_ON_FAILURE.items():
         assert key.split(".")[-1] in (Path(__file__).parent / test_file).read_text(), (key, test_file)

@@ -1,0 +1,121 @@
+"""Direct Preference Optimization (`stage: dpo`): the loss, and the module that trains with it.
+
+A batch holds 2B sequences, the B prompts followed by their chosen answers and then the same prompts followed
+by their rejected answers (`glmtune.data.preference.PairCollator`), so the policy scores both in one forward.
+A sequence's log-probability is the sum of its answer tokens' log-probabilities. The reference is the model
+with its adapter disabled (PEFT's `disable_adapter`): the base weights, without a second copy in memory.
+
+DPO (Rafailov et al. 2023), with the margin h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)):
+sigmoid loss -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h) (eps: label smoothing, conservative
+DPO), IPO (Azar et al. 2023) (h - 1 / (2 beta))^2 on log-probabilities averaged over each answer's tokens.
+The implicit rewards are beta (log pi(y) - log pi_ref(y)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmtune.config import DpoArgs, TrainArgs
+from glmtune.data.samples import IGNORE_INDEX
+from glmtune.training.module import CausalLMModule
+
+
+def sequence_log_probs(
+    hidden_states: torch.Tensor, head: nn.Module, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(labels[:, t + 1] | position t) over labels != -100, number of those tokens), per row.
+
+    hidden_states [b, s, h], labels [b, s]. Only the answer positions go through the output layer."""
+    hidden = hidden_states[:, :-1]
+    targets = labels[:, 1:].to(hidden.device)
+    supervised = targets != IGNORE_INDEX
+    rows = torch.arange(targets.shape[0], device=hidden.device).unsqueeze(1).expand_as(targets)[supervised]
+    log_probs = torch.log_softmax(head(hidden[supervised]).float(), dim=-1)
+    picked = log_probs.gather(-1, targets[supervised].unsqueeze(-1)).squeeze(-1)
+    total = torch.zeros(targets.shape[0], device=hidden.device, dtype=torch.float32).index_add(
+        0, rows, picked
+    )
+    return total, supervised.sum(dim=1)
+
+
+@dataclass
+class PreferenceTerms:
+    """Per-pair loss and implicit rewards of one batch."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    args: DpoArgs,
+) -> PreferenceTerms:
+    """The DPO (or IPO) loss of each pair from the sequences' log-probabilities (see the module docstring)."""
+    chosen = policy_chosen - reference_chosen
+    rejected = policy_rejected - reference_rejected
+    margin = chosen - rejected
+    if args.loss == "ipo":
+        losses = (margin - 1 / (2 * args.beta)) ** 2
+    else:
+        eps = args.label_smoothing
+        losses = -F.logsigmoid(args.beta * margin) * (1 - eps) - F.logsigmoid(-args.beta * margin) * eps
+    return PreferenceTerms(losses, args.beta * chosen.detach(), args.beta * rejected.detach())
+
+
+class DPOModule(CausalLMModule):
+    """Trains the adapter of `model` with the DPO loss; the reference is `model` with its adapter disabled."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_args: TrainArgs,
+        total_steps: int,
+        method: str = "lora",
+        dpo: DpoArgs | None = None,
+    ):
+        super().__init__(model, train_args, total_steps, method=method)
+        self.dpo = dpo or DpoArgs()
+
+    def _answer_log_probs(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total, count = sequence_log_probs(hidden_states, self.model.get_output_embeddings(), labels)
+        # IPO compares log-probabilities averaged over the answer's tokens, DPO their sums.
+        return total / count.clamp(min=1) if self.dpo.loss == "ipo" else total
+
+    def reference_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The answers' log-probabilities under the model with its adapter disabled (the base weights)."""
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        with torch.no_grad(), self.model.disable_adapter():
+            outputs = self.model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            return self._answer_log_probs(outputs.hidden_states[-1], batch["labels"])
+
+    def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
+        policy = self._answer_log_probs(outputs.hidden_states[-1], batch["labels"])
+        reference = self.reference_log_probs(batch)
+        pairs = policy.shape[0] // 2
+        terms = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.dpo)
+        self._log_terms(terms, policy.detach(), pairs)
+        return terms.losses.mean()
+
+    def _log_terms(self, terms: PreferenceTerms, policy: torch.Tensor, pairs: int) -> None:
+        if self._trainer is None:  # called outside a Trainer (a test of the loss)
+            return
+        prefix = "train" if self.training else ("test" if self.trainer.testing else "val")
+        values = {
+            "reward_accuracy": (terms.chosen_rewards > terms.rejected_rewards).float().mean(),
+            "reward_margin": (terms.chosen_rewards - terms.rejected_rewards).mean(),
+            "rewards_chosen": terms.chosen_rewards.mean(),
+            "rewards_rejected": terms.rejected_rewards.mean(),
+            "logps_chosen": policy[:pairs].mean(),
+            "logps_rejected": policy[pairs:].mean(),
+        }
+        for name, value in values.items():
+            self.log(f"{prefix}_{name}", value, sync_dist=prefix != "train", batch_size=pairs)
