@@ -55,6 +55,8 @@ class CausalLMModule(L.LightningModule):
     # reads the hidden states. A `loss` that reads outputs.logits sets it to True: the model then returns the
     # logits of every position (more memory).
     uses_logits: bool = False
+    # What the loss trains (config key `stage`); a checkpoint of one stage does not resume another.
+    stage: str = "sft"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -198,7 +200,11 @@ class CausalLMModule(L.LightningModule):
             checkpoint["state_dict"] = {
                 k: v for k, v in checkpoint["state_dict"].items() if clean_name(k) in trainable
             }
-        extra: dict[str, Any] = {"method": self.method, "bad_steps_total": self.bad_steps_total}
+        extra: dict[str, Any] = {
+            "method": self.method,
+            "stage": self.stage,
+            "bad_steps_total": self.bad_steps_total,
+        }
         if self.method == "adalora":
             extra["adalora"] = _adalora_state(self.model)
         checkpoint["glmtune"] = extra
@@ -209,6 +215,11 @@ class CausalLMModule(L.LightningModule):
             raise ConfigError(
                 f"train.resume: the checkpoint was trained with method {extra['method']!r}, this run uses "
                 f"{self.method!r}"
+            )
+        if extra.get("stage", "sft") != self.stage:
+            raise ConfigError(
+                f"train.resume: the checkpoint was trained with stage {extra.get('stage', 'sft')!r}, this run uses "
+                f"{self.stage!r}"
             )
         self.bad_steps_total = int(extra.get("bad_steps_total", 0))
         if self.method == "adalora" and "adalora" in extra:

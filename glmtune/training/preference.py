@@ -74,6 +74,8 @@ def dpo_loss(
 class DPOModule(CausalLMModule):
     """Trains the adapter of `model` with the DPO loss; the reference is `model` with its adapter disabled."""
 
+    stage = "dpo"
+
     def __init__(
         self,
         model: nn.Module,

@@ -147,3 +147,18 @@ def test_train_py_stage_dpo_prefers_the_chosen_answers_and_the_adapter_predicts(
     )
     assert code == 0
     assert len(predictions.read_text().splitlines()) == 8
+
+
+def test_a_checkpoint_of_another_stage_does_not_resume(tiny_chatglm2, tiny_data, tmp_path):
+    from glmtune.models.loading import load_model
+    from glmtune.training.module import CausalLMModule
+
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run")
+    dpo = DPOModule(load_model(tiny_chatglm2), cfg.train, 10, dpo=DpoArgs())
+    saved: dict = {"state_dict": {}}
+    dpo.on_save_checkpoint(saved)
+    assert saved["glmtune"]["stage"] == "dpo"
+    with pytest.raises(ConfigError, match="trained with stage 'dpo', this run uses 'sft'"):
+        CausalLMModule(load_model(tiny_chatglm2), cfg.train, 10).on_load_checkpoint(saved)
+    with pytest.raises(ConfigError, match="trained with stage 'sft', this run uses 'dpo'"):
+        dpo.on_load_checkpoint({"glmtune": {"method": "lora"}})
