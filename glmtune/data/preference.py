@@ -2,7 +2,9 @@
 
 Formats, decided per record from its keys:
 
-- `{"prompt", "chosen", "rejected"}` with strings (TRL's format), optional `system`;
+- `{"prompt", "chosen", "rejected"}` with strings (TRL's format), optional `system`; or TRL's conversational
+  form: `prompt` a list of `{"role", "content"}` messages ending with the user's, each answer a string or one
+  `{"role": "assistant", "content"}` message;
 - alpaca style `{"instruction", "input", "chosen", "rejected", "history": [[q, a], ...], "system"}`.
 
 A bad record raises `DataError` with FILE:LINE and the field, as supervised data does. Both answers are
@@ -61,8 +63,8 @@ def parse_preference(obj: Any, src: str) -> PreferencePair:
     if "chosen" not in obj or "rejected" not in obj:
         missing = "chosen" if "chosen" not in obj else "rejected"
         raise DataError(src, "missing (a preference pair needs chosen and rejected answers)", missing)
-    chosen = _answer(obj["chosen"], src, "chosen")
-    rejected = _answer(obj["rejected"], src, "rejected")
+    chosen = _answer(_assistant_message(obj["chosen"], src, "chosen"), src, "chosen")
+    rejected = _answer(_assistant_message(obj["rejected"], src, "rejected"), src, "rejected")
     system = _get(obj, "system", src, required=False) or None
     history: list[tuple[str, str]] = []
     if "instruction" in obj:
@@ -75,11 +77,50 @@ def parse_preference(obj: Any, src: str) -> PreferencePair:
             history.append(
                 (_text(pair[0], src, f"history[{i}][0]"), _answer(pair[1], src, f"history[{i}][1]"))
             )
+    elif isinstance(obj.get("prompt"), list):
+        query, history, system = _conversation_prompt(obj["prompt"], src, system)
     elif "prompt" in obj:
         query = _get(obj, "prompt", src)
     else:
         raise DataError(src, "missing (give `prompt`, or alpaca's `instruction`)", "prompt")
     return PreferencePair(query, chosen, rejected, history, system, src)
+
+
+def _assistant_message(value: Any, src: str, name: str) -> Any:
+    """An answer given as TRL's conversational `[{"role": "assistant", "content": ...}]`, or as it is."""
+    if not (isinstance(value, list) and value and all(isinstance(m, dict) for m in value)):
+        return value
+    if len(value) != 1 or value[0].get("role") != "assistant" or "content" not in value[0]:
+        raise DataError(src, 'expected one {"role": "assistant", "content": ...} message', name)
+    return value[0]["content"]
+
+
+def _conversation_prompt(
+    messages: list, src: str, system: str | None
+) -> tuple[str, list[tuple[str, str]], str | None]:
+    """TRL's conversational prompt (an optional system message, then user / assistant turns ending with a user
+    message) -> (query, history, system)."""
+    turns: list[tuple[str, str]] = []
+    query: str | None = None
+    for i, message in enumerate(messages):
+        where = f"prompt[{i}]"
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(src, 'expected a {"role", "content"} message', where)
+        role, content = message["role"], _text(message["content"], src, f"{where}.content")
+        if role == "system" and i == 0:
+            system = content or None
+        elif role == "user" and query is None:
+            query = content
+        elif role == "assistant" and query is not None:
+            turns.append((query, _answer(content, src, f"{where}.content")))
+            query = None
+        else:
+            raise DataError(
+                src, f"unexpected role {role!r} here (system first, then user / assistant turns)", where
+            )
+    if query is None:
+        raise DataError(src, "the prompt's last message must be the user's", "prompt")
+    return query, turns, system
 
 
 def iter_pairs(path: str | Path) -> Iterator[PreferencePair]:

@@ -90,3 +90,34 @@ def test_the_collator_unfolds_pairs_into_chosen_then_rejected_rows():
     assert batch["input_ids"].tolist() == [[7, 8, 1, 2, 3], [9, 5, 0, 0, 0], [7, 8, 4, 0, 0], [9, 6, 6, 0, 0]]
     assert batch["labels"][0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 1, 2, 3]
     assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+
+
+def test_trl_conversational_pairs(tmp_path):
+    record = {
+        "prompt": [
+            {"role": "system", "content": "简短回答。"},
+            {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "你好！"},
+            {"role": "user", "content": "几点开门？"},
+        ],
+        "chosen": [{"role": "assistant", "content": "九点。"}],
+        "rejected": [{"role": "assistant", "content": "不知道。"}],
+    }
+    [pair] = iter_pairs(write_jsonl(tmp_path / "pairs.jsonl", [record]))
+    assert (pair.query, pair.history, pair.system) == ("几点开门？", [("你好", "你好！")], "简短回答。")
+    assert (pair.chosen, pair.rejected) == ("九点。", "不知道。")
+    record["prompt"] = record["prompt"][:3]
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'prompt': the prompt's last message must be"):
+        list(iter_pairs(write_jsonl(tmp_path / "pairs.jsonl", [record])))
+
+
+def test_pairs_render_the_chat_prompt_of_the_template():
+    from glmtune.data.preference import PreferencePair, pair_sample
+
+    class Template:
+        def build_train_sample(self, query, response, history=None, system=None):
+            prompt = [1, *map(ord, query), 2]
+            return prompt + [*map(ord, response), 3], [-100] * len(prompt) + [*map(ord, response), 3]
+
+    pair = PreferencePair("q", "yes", "no", [], None, "f:1")
+    assert pair_sample(pair, Template()) == ([1, ord("q"), 2], [*map(ord, "yes"), 3], [*map(ord, "no"), 3])
