@@ -128,21 +128,30 @@ class ChatEngine:
         queries: list[str],
         histories: list[History] | None = None,
         systems: list[str | None] | None = None,
+        *,
+        row_budgets: list[int] | None = None,
+        row_stops: list[list[str] | None] | None = None,
         **overrides,
     ) -> list[Completion]:
+        """One generate() for all queries. `row_budgets` and `row_stops` give each row its own
+        max_new_tokens and stop strings (a server batching different requests); generation runs to the
+        largest budget and each row is cut to its own, which for greedy decoding is exactly its solo answer."""
         histories = histories or [[] for _ in queries]
         systems = systems or [None for _ in queries]
         prompts = [self.prompt_ids(q, h, s) for q, h, s in zip(queries, histories, systems, strict=True)]
         batch = self._batch(prompts)
+        if row_budgets is not None:
+            overrides = {**overrides, "max_new_tokens": max(row_budgets)}
         kwargs = self._generate_kwargs(overrides)
         with self._lock:
             out = self.model.generate(**batch, **kwargs)
-        new = out[:, batch["input_ids"].shape[1] :]
+        new = out[:, batch["input_ids"].shape[1] :].tolist()
         stops = overrides.get("stop") or self.generation.stop
         completions = []
-        for prompt, row in zip(prompts, new.tolist(), strict=True):
-            kept, ended = self._until_stop_token(row)
-            text, cut = cut_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), stops)
+        for i, (prompt, row) in enumerate(zip(prompts, new, strict=True)):
+            kept, ended = self._until_stop_token(row if row_budgets is None else row[: row_budgets[i]])
+            row_stop = (row_stops[i] if row_stops is not None else None) or stops
+            text, cut = cut_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), row_stop)
             # A row without a stop token ran to max_new_tokens (rows that ended are padded after it).
             completions.append(
                 Completion(text.strip(), len(prompt), len(kept), "stop" if ended or cut else "length")

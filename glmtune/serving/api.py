@@ -1,8 +1,9 @@
 """The HTTP API: ChatGLM's `POST /` and OpenAI's `/v1/chat/completions` and `/v1/models`, on one ChatEngine.
 
 Generation runs in worker threads (the event loop keeps answering other requests meanwhile) and the engine's
-lock lets one generate() run at a time, so concurrent requests queue and each gets the answer it would get
-alone. Streams are OpenAI server-sent events: `data: {chunk}` lines, then `data: [DONE]`.
+lock lets one generate() run at a time. Answers requested while the model is busy are generated together in
+one batch (see batching.py), each the answer it would get alone; streams run one at a time. Streams are
+OpenAI server-sent events: `data: {chunk}` lines, then `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from glmtune.inference.engine import ChatEngine, Completion, History, held_back
+from glmtune.serving.batching import Batcher
 from glmtune.serving.guards import OPEN_PATHS, BearerAuth, BodyLimits, HostAllowList
 from glmtune.serving.limits import AdmissionGate, RequestError, ServingLimits, answer_budget
 from glmtune.serving.schemas import (
@@ -174,10 +176,11 @@ def create_app(
     app.state.model_name = model_name
     limits = limits or ServingLimits()
     gate = app.state.gate = AdmissionGate(limits.max_queue)
+    batcher = app.state.batcher = Batcher(engine, limits.max_batch_size)
     add_error_handlers(app)
     add_info_routes(app, model_name)
-    add_chatglm_route(app, engine, gate)
-    add_openai_chat_route(app, engine, model_name, gate)
+    add_chatglm_route(app, engine, gate, batcher)
+    add_openai_chat_route(app, engine, model_name, gate, batcher)
     open_paths = OPEN_PATHS
     if ui_path:
         mount_chat_ui(app, engine, ui_path, title=f"glmtune chat: {model_name}", password=api_key)
@@ -243,7 +246,7 @@ async def prompt_length(
         raise RequestError(f"messages: {err}", param="messages") from err
 
 
-def add_chatglm_route(app: FastAPI, engine: ChatEngine, gate: AdmissionGate) -> None:
+def add_chatglm_route(app: FastAPI, engine: ChatEngine, gate: AdmissionGate, batcher: Batcher) -> None:
     """POST /, as THUDM ChatGLM's api.py: one answer with the updated history."""
     default_new_tokens = engine.generation.max_new_tokens
 
@@ -258,7 +261,7 @@ def add_chatglm_route(app: FastAPI, engine: ChatEngine, gate: AdmissionGate) -> 
                 prompt_tokens, engine.context_length, default_new_tokens, max_length=body.max_length
             )
             overrides = {**sampling(body.temperature, body.top_p), "max_new_tokens": budget}
-            completion = await run_in_threadpool(engine.complete, body.prompt, history, None, **overrides)
+            completion = await batcher.complete(body.prompt, history, None, overrides)
         finally:
             gate.leave()
         log.info(
@@ -272,7 +275,9 @@ def add_chatglm_route(app: FastAPI, engine: ChatEngine, gate: AdmissionGate) -> 
         )
 
 
-def add_openai_chat_route(app: FastAPI, engine: ChatEngine, model_name: str, gate: AdmissionGate) -> None:
+def add_openai_chat_route(
+    app: FastAPI, engine: ChatEngine, model_name: str, gate: AdmissionGate, batcher: Batcher
+) -> None:
     """POST /v1/chat/completions, OpenAI's chat API: one answer, or server-sent events with `stream`."""
     default_new_tokens = engine.generation.max_new_tokens
 
@@ -308,7 +313,7 @@ def add_openai_chat_route(app: FastAPI, engine: ChatEngine, model_name: str, gat
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        completion = await run_in_threadpool(engine.complete, query, history, system, **overrides)
+        completion = await batcher.complete(query, history, system, overrides)
         return ChatCompletion(
             id=completion_id,
             created=int(time.time()),

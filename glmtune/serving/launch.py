@@ -73,6 +73,12 @@ def api_parser(description: str) -> ArgumentParser:
         help="Generation requests held at once (running or waiting); past it clients get 429 and Retry-After.",
     )
     parser.add_argument(
+        "--max_batch_size",
+        type=int,
+        default=ServingLimits.max_batch_size,
+        help="Answers generated together in one batch (1: one request at a time; streams are never batched).",
+    )
+    parser.add_argument(
         "--max_body_bytes",
         type=int,
         default=ServingLimits.max_body_bytes,

@@ -114,8 +114,10 @@ class AdmissionGate:
 
 @dataclass(frozen=True)
 class ServingLimits:
-    """How much one server takes on: requests held at once, body size, and how long a body may take."""
+    """How much one server takes on: requests held at once, answers generated together, body size, and how
+    long a body may take."""
 
     max_queue: int = 64
+    max_batch_size: int = 16
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout_s: float = 30.0

@@ -1,0 +1,102 @@
+"""Batched generation for the API: the answers requested while the model is busy go into one generate().
+
+One generate() of 16 rows costs little more than one of a single row on the same hardware, so gathering
+the requests that queue up multiplies throughput. Rows are left-padded; each keeps its own max_tokens and
+stop strings (the batch runs to the largest budget and each row is cut to its own), so a greedy answer is
+exactly its solo answer. Requests whose sampling settings differ cannot share a generate() call, so each
+batch takes the oldest request and those waiting with the same settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from glmtune.inference.engine import ChatEngine, Completion, History
+
+
+@dataclass
+class Pending:
+    """One request waiting for its answer."""
+
+    query: str
+    history: History
+    system: str | None
+    budget: int
+    stop: list[str] | None
+    sampling: dict[str, Any]
+    answer: asyncio.Future = field(repr=False)
+
+    @property
+    def settings(self) -> tuple:
+        return tuple(sorted(self.sampling.items()))
+
+
+class Batcher:
+    """Answers non-streamed requests in batches of up to `max_batch_size`; one batch runs at a time.
+
+    Lives on the event loop: requests append to `pending` and one drain task runs the batches in a worker
+    thread, gathering whatever arrived meanwhile into the next one.
+    """
+
+    def __init__(self, engine: ChatEngine, max_batch_size: int) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"a batch holds at least one request (got {max_batch_size})")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.pending: list[Pending] = []
+        self.drain_task: asyncio.Task | None = None
+        self.batch_sizes: list[int] = []  # what ran, for logs and tests
+
+    async def complete(
+        self, query: str, history: History, system: str | None, overrides: dict[str, Any]
+    ) -> Completion:
+        """The answer to one request, as `ChatEngine.complete(query, history, system, **overrides)` gives it."""
+        settings = dict(overrides)
+        budget = settings.pop("max_new_tokens")
+        stop = settings.pop("stop", None)
+        item = Pending(
+            query, history, system, budget, stop, settings, asyncio.get_running_loop().create_future()
+        )
+        self.pending.append(item)
+        if self.drain_task is None or self.drain_task.done():
+            self.drain_task = asyncio.create_task(self._drain())
+        return await item.answer
+
+    def _take(self) -> list[Pending]:
+        """The oldest live request and up to max_batch_size - 1 more waiting with the same sampling settings."""
+        self.pending = [p for p in self.pending if not p.answer.done()]  # clients that left
+        if not self.pending:
+            return []
+        settings = self.pending[0].settings
+        batch = [p for p in self.pending if p.settings == settings][: self.max_batch_size]
+        taken = {id(p) for p in batch}
+        self.pending = [p for p in self.pending if id(p) not in taken]
+        return batch
+
+    async def _drain(self) -> None:
+        while batch := self._take():
+            self.batch_sizes.append(len(batch))
+            try:
+                answers = await run_in_threadpool(self._generate, batch)
+            except Exception as err:  # every request of the batch gets the failure (a 500, logged there)
+                for item in batch:
+                    if not item.answer.done():
+                        item.answer.set_exception(err)
+                continue
+            for item, answer in zip(batch, answers, strict=True):
+                if not item.answer.done():
+                    item.answer.set_result(answer)
+
+    def _generate(self, batch: list[Pending]) -> list[Completion]:
+        return self.engine.batch_complete(
+            [p.query for p in batch],
+            [p.history for p in batch],
+            [p.system for p in batch],
+            row_budgets=[p.budget for p in batch],
+            row_stops=[p.stop for p in batch],
+            **batch[0].sampling,
+        )
