@@ -32,7 +32,7 @@ from glmtune.inference.cli import (
     inference_parser,
     run_inference,
 )
-from glmtune.inference.merge import check_merge_target, merge_and_save
+from glmtune.inference.merge import MergeFormat, check_merge_target, merge_and_save
 from glmtune.inference.predict import check_predict_paths
 from glmtune.training.module import CausalLMModule
 from glmtune.training.trainer import train
@@ -101,8 +101,17 @@ def lora_main(argv: list[str] | None = None) -> int:
         default=None,
         help="Merge the adapter into the base weights and save a complete model folder here.",
     )
+    parser.add_argument(
+        "--merge_format",
+        type=MergeFormat | None,
+        default=None,
+        help="With --merge: 'published' (default: the model's own layout and code) or 'transformers' "
+        "(ChatGLM2/3, GLM-4 as transformers' GlmForCausalLM with tokenizer.json and chat_template).",
+    )
     cfg, ns = parse_args(parser, argv)
     check_inference_flags(ns)
+    if ns.merge_format is not None and not ns.merge:
+        raise ConfigError("--merge_format applies to --merge only: add --merge OUT, or drop it")
     if ns.merge:
         if ns.predict:
             raise ConfigError("--merge writes a model folder: run --predict on it afterwards, not together")
@@ -114,7 +123,9 @@ def lora_main(argv: list[str] | None = None) -> int:
         check_merge_target(ns.merge)
         adapter = artifact_folder(cfg, ns.checkpoint)
         engine = load_lora(cfg, adapter, ns.device)
-        merge_and_save(engine, ns.merge, run_config=read_run_config(adapter))
+        merge_and_save(
+            engine, ns.merge, run_config=read_run_config(adapter), merge_format=ns.merge_format or "published"
+        )
         print(f"merged model written to {ns.merge} (chat with it: python infer.py --model.path {ns.merge})")
         return 0
     if ns.predict:

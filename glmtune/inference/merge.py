@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from torch import nn
 
 from glmtune.config import ConfigError
+from glmtune.data.samples import template_name
 from glmtune.inference.engine import ChatEngine
+from glmtune.inference.transformers_export import check_exportable, save_transformers
 from glmtune.models.families import model_family
 from glmtune.models.quantization import QuantizedLinear
 from glmtune.models.saving import save_model
@@ -25,6 +27,11 @@ from glmtune.training.registry import HPARAMS_FILE, tuning_method
 
 # A merged folder is a complete model whose every weight could have been tuned: what a `full` run saves.
 MERGED_METHOD = "full"
+
+# "published": the model family's own layout (ChatGLM's code and tokenizer); "transformers": a folder
+# transformers opens with its own classes, no trust_remote_code (ChatGLM2/3 and GLM-4 as GlmForCausalLM).
+MergeFormat = Literal["published", "transformers"]
+MERGE_FORMATS: tuple[str, ...] = ("published", "transformers")
 
 
 class MergeError(ConfigError):
@@ -75,23 +82,37 @@ def merged_run_config(run_config: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def merge_and_save(
-    engine: ChatEngine, out: str | os.PathLike, run_config: dict[str, Any] | None = None
+    engine: ChatEngine,
+    out: str | os.PathLike,
+    run_config: dict[str, Any] | None = None,
+    merge_format: MergeFormat = "published",
 ) -> Path:
     """Merge `engine.model`'s adapter and write OUT: weights + config, tokenizer, hyperparameters.yaml.
 
-    ChatGLM models are written in the published layout (glmtune.models.saving.save_model), other models
-    with transformers' save_pretrained. `run_config` is the adapter's hyperparameters.yaml (as a dict); it is
-    written back with model.path = OUT and method "full". The engine's model is merged in place: do not use
-    it as base + adapter afterwards.
+    "published": ChatGLM models in their published layout (glmtune.models.saving.save_model), other models
+    with transformers' save_pretrained. "transformers": ChatGLM2/3 and GLM-4 as transformers' own
+    `GlmForCausalLM` with a fast tokenizer and the template's chat_template (see transformers_export.py);
+    other transformers models as "published" does. `run_config` is the adapter's hyperparameters.yaml (as a
+    dict); it is written back with model.path = OUT and method "full". The engine's model is merged in place:
+    do not use it as base + adapter afterwards.
     """
 
     out = Path(out)
+    if merge_format not in MERGE_FORMATS:
+        raise MergeError(f"--merge_format {merge_format!r}: choose one of {', '.join(MERGE_FORMATS)}")
     if run_config is not None and not tuning_method(run_config.get("method"), HPARAMS_FILE).mergeable:
         raise MergeError(f"a {run_config['method']} result has no adapter to merge into its base weights")
     check_merge_target(out)
+    family = model_family(engine.model)
+    native = merge_format == "transformers" and family != "hf"
+    if native:
+        check_exportable(family, template_name(engine.template))
     merged = merge_adapter(engine.model)
-    save_model(merged, out)
-    engine.tokenizer.save_pretrained(str(out))
+    if native:
+        save_transformers(merged, engine.tokenizer, engine.template, out, family)
+    else:
+        save_model(merged, out)
+        engine.tokenizer.save_pretrained(str(out))
     if run_config is not None:
         config = merged_run_config(run_config, out)
         (out / HPARAMS_FILE).write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
