@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -67,7 +68,11 @@ def copy_checkout(dest: Path) -> None:
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
-    (dest / ".venv").symlink_to(REPO_ROOT / ".venv")
+    (dest / ".venv").symlink_to(VENV)
+
+
+# The environment running these tests (the checkout's .venv under `make test`), which the README activates.
+VENV = Path(sys.prefix)
 
 
 def free_port() -> int:
@@ -122,7 +127,7 @@ def run(command: str, cwd: Path, env: dict) -> str:
 @pytest.mark.slow
 def test_the_readme_runs_as_written(tmp_path: Path) -> None:
     copy_checkout(tmp_path)
-    env = {**os.environ, "PATH": f"{REPO_ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
     ran = []
     for command in [*demo_commands(), *readme_commands()]:
