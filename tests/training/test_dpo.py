@@ -162,3 +162,17 @@ def test_a_checkpoint_of_another_stage_does_not_resume(tiny_chatglm2, tiny_data,
         CausalLMModule(load_model(tiny_chatglm2), cfg.train, 10).on_load_checkpoint(saved)
     with pytest.raises(ConfigError, match="trained with stage 'sft', this run uses 'dpo'"):
         dpo.on_load_checkpoint({"glmtune": {"method": "lora"}})
+
+
+def test_train_py_ends_a_bad_pair_with_its_file_line_and_field(tiny_chatglm2, tmp_path, capsys):
+    import train
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
+    argv = [
+        "--stage", "dpo", "--model.path", str(tiny_chatglm2), "--data.train_files", f"[{pairs}]",
+        "--data.eval_files", "[]", "--data.output_dir", str(tmp_path / "records"),
+        "--train.output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert train.main(argv) == 1
+    assert f"error: {pairs}:2: field 'rejected': missing" in capsys.readouterr().err
