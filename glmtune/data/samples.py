@@ -77,7 +77,10 @@ def build_samples(dialogue: Dialogue, template: Template, multi_turn: MultiTurn 
                 dialogue.source,
                 f"tool-call data needs a ChatGLM3 or GLM-4 template, not {template_name(template)!r}",
             )
-        ids, labels = build_messages(dialogue.meta["messages"])
+        try:
+            ids, labels = build_messages(dialogue.meta["messages"])
+        except ValueError as e:  # messages this template's format cannot render
+            raise DataError(dialogue.source, str(e)) from e
         return [(list(ids), list(labels))]
     turns = list(dialogue.turns)
     method = (

@@ -44,6 +44,14 @@ def chatglm3_message_ids(tokenizer: Any, message: Message) -> list[int]:
 
 def chat_template_message_ids(tokenizer: PreTrainedTokenizerBase, message: Message) -> list[int]:
     """One message through the tokenizer's chat_template, without the `[gMASK]<sop>` it starts with."""
+    tools = message.get("tools") or []
+    if any(not isinstance(tool, Mapping) or "type" not in tool for tool in tools):
+        # GLM-4's chat_template renders only typed tools ({"type": "function", "function": {...}}): an
+        # untyped one (ChatGLM3's {"name", "description", "parameters"}) would be dropped from the prompt.
+        raise ValueError(
+            'GLM-4 tools need a "type" ({"type": "function", "function": {...}}); ChatGLM3-style tools '
+            "(name/description/parameters) are for a ChatGLM3 template"
+        )
     prefix = len(tokenizer.build_inputs_with_special_tokens([]))
     # keys with None values are left out: the template tests `is defined`, not truthiness, for tools
     clean = {k: v for k, v in message.items() if v is not None and k != "loss"}

@@ -195,3 +195,14 @@ def test_data_utils_refuses_tool_data_for_a_template_without_tools(
     assert run_data_utils(data_utils, reference_dir, "chatglm2-6b-tiny", data, tmp_path / "r") == 1
     err = capsys.readouterr().err
     assert f"error: {data}:1: tool-call data needs a ChatGLM3 or GLM-4 template" in err
+
+
+def test_chatglm3_tools_are_refused_for_glm4_rather_than_dropped(tok4, tmp_path):
+    path = write_records(
+        tmp_path / "t.jsonl",
+        [json.loads((SAMPLES / "tools_chatglm3.jsonl").read_text("utf-8").splitlines()[0])],
+    )
+    (dialogue,) = read_dialogues(path)
+    with pytest.raises(DataError, match='GLM-4 tools need a "type"') as e:
+        build_samples(dialogue, get_template("glm4", tok4))
+    assert e.value.source == f"{path}:1"
