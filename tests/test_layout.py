@@ -103,7 +103,9 @@ def test_no_import_cycles() -> None:
 
 
 def test_no_file_is_too_long() -> None:
-    long = {name: n for name, p in modules().items() if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES}
+    long = {
+        name: n for name, p in modules().items() if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
+    }
     assert not long, f"files over {MAX_FILE_LINES} lines: {long}"
 
 
