@@ -14,8 +14,10 @@ from glmtune.config import ConfigError, DataArgs, TaskConfig, check_data_files, 
 from glmtune.data.build import build_records
 from glmtune.data.report import BuildReport
 from glmtune.data.settings import BuildSettings, SettingsError
+from glmtune.demo.tiny import ensure_model
 from glmtune.models.families import resolve_family
-from glmtune.tokenizers.template_choice import resolve_template_name
+from glmtune.models.loading import load_tokenizer
+from glmtune.tokenizers.template_choice import get_template, resolve_template_name
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -76,8 +78,6 @@ def config_problems(err: SettingsError) -> str:
 
 def make_template(model_path: str, family: str, name: str, trust_remote_code: bool = False):
     """Picklable template factory: each tokenizer worker process loads its own copy."""
-    from glmtune.models.loading import load_tokenizer
-    from glmtune.tokenizers.template_choice import get_template
 
     return get_template(name, load_tokenizer(model_path, family=family, trust_remote_code=trust_remote_code))
 
@@ -94,7 +94,6 @@ def tokenizer_fingerprint(model_path: Path) -> str:
 
 def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = True) -> PreparedData:
     """Build (or reuse, when the cache key matches) the records `cfg` asks for."""
-    from glmtune.demo.tiny import ensure_model
 
     train_files = check_data_files(cfg.data.train_files, "data.train_files")
     eval_files = check_data_files(cfg.data.eval_files, "data.eval_files")

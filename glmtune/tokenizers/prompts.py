@@ -28,6 +28,7 @@ from typing import Any, ClassVar, NamedTuple
 from transformers import PreTrainedTokenizerBase
 
 from glmtune.data.samples import IGNORE_INDEX
+from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer
 from glmtune.tokenizers.tool_prompts import build_messages_sample
 
 History = Sequence[Sequence[str] | Mapping[str, Any]]
@@ -132,7 +133,6 @@ class SentencePieceIds:
 
     @classmethod
     def applies_to(cls, tokenizer: Any) -> bool:
-        from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer
 
         kind = type(tokenizer)
         return (

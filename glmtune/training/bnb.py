@@ -16,6 +16,7 @@ from torch import nn
 
 from glmtune.config import ConfigError
 from glmtune.models.families import model_family
+from glmtune.models.quantization import QUANTIZED_LAYER_NAMES
 
 BnbMode = Literal["bnb8", "nf4"]
 
@@ -32,7 +33,6 @@ def require_bitsandbytes(what: str) -> None:
 
 def _targets(model: nn.Module) -> list[str]:
     """Block linears: ChatGLM's four per block; for other models every linear but the output head."""
-    from glmtune.models.quantization import QUANTIZED_LAYER_NAMES
 
     family = model_family(model)
     head = model.get_output_embeddings()

@@ -12,6 +12,7 @@ from glmtune.config import ConfigError, TaskConfig, check_data_files, resolve_pa
 from glmtune.data.dataset import RecordDataset
 from glmtune.data.preference import PairCollator, PairRecords, build_pair_records
 from glmtune.data.prepare import build_settings, make_template, tokenizer_fingerprint
+from glmtune.demo.tiny import ensure_model
 from glmtune.models.families import resolve_family
 from glmtune.tokenizers.template_choice import resolve_template_name
 from glmtune.training.data import ResumableDataLoader
@@ -57,7 +58,6 @@ class PreparedPairs:
 
 def prepare_pairs(cfg: TaskConfig) -> PreparedPairs:
     """Build (or reuse) the pair records of `cfg.data`, rendered by the model's chat template."""
-    from glmtune.demo.tiny import ensure_model
 
     train_files = check_data_files(cfg.data.train_files, "data.train_files")
     eval_files = check_data_files(cfg.data.eval_files, "data.eval_files")

@@ -27,8 +27,16 @@ import yaml
 from torch.utils.data import DataLoader
 
 from glmtune.config import ConfigError, TaskConfig, resolve_path
+from glmtune.data.dataset import RecordDataset, collate_fn
+from glmtune.data.prepare import prepare_records
+from glmtune.demo.tiny import ensure_model
+from glmtune.inference.predict import prediction_items
 from glmtune.models.families import resolve_family
+from glmtune.models.loading import load_model
+from glmtune.tokenizers.template_choice import get_template
+from glmtune.training.bnb import quantize_bnb, require_bitsandbytes
 from glmtune.training.compile import compile_blocks
+from glmtune.training.data import ResumableDataLoader
 from glmtune.training.distributed import (
     gather_model_state,
     is_deepspeed,
@@ -63,8 +71,6 @@ class TrainResult:
 
 def load_for_method(cfg: TaskConfig, device: str | None = None) -> torch.nn.Module:
     """The backbone as the method needs it (P-Tuning v2 adds a prefix encoder at load time)."""
-    from glmtune.demo.tiny import ensure_model
-    from glmtune.models.loading import load_model
 
     ptv2 = cfg.method == "ptv2"
     return load_model(
@@ -98,8 +104,6 @@ def check_config(cfg: TaskConfig) -> None:
     check_optimizer(cfg.train)
     check_half_precision(cfg)
     if cfg.model.quantization != "none":
-        from glmtune.training.bnb import require_bitsandbytes
-
         require_bitsandbytes(f"model.quantization={cfg.model.quantization}")
     if cfg.train.precision == "16-mixed" and (
         cfg.train.accelerator == "cpu" or not torch.cuda.is_available()
@@ -369,9 +373,6 @@ def resume_path(cfg: TaskConfig) -> str | None:
 
 
 def _data(cfg: TaskConfig):
-    from glmtune.data.dataset import RecordDataset, collate_fn
-    from glmtune.data.prepare import prepare_records
-    from glmtune.training.data import ResumableDataLoader
 
     records = prepare_records(cfg)
     train_set = RecordDataset(records.train_path)
@@ -404,8 +405,6 @@ def generation_eval(cfg: TaskConfig, records) -> GenerationEval | None:
     """The `train.eval_generate` callback: the first N turns of the eval files, scored after each evaluation."""
     if not cfg.train.eval_generate:
         return None
-    from glmtune.inference.predict import prediction_items
-    from glmtune.tokenizers.template_choice import get_template
 
     items: list[dict] = []
     for file in cfg.data.eval_files:
@@ -437,8 +436,6 @@ def train(
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else epoch_steps * cfg.train.max_epochs
 
     if cfg.model.quantization != "none":
-        from glmtune.training.bnb import quantize_bnb
-
         compute = torch.bfloat16 if "bf16" in cfg.train.precision else torch.float16
         model = quantize_bnb(model, cfg.model.quantization, trainer.strategy.root_device, compute)
     # Under FSDP the strategy checkpoints each wrapped block itself (activation_checkpointing_policy).
