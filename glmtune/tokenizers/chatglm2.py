@@ -27,7 +27,40 @@ from transformers.utils import PaddingStrategy
 ROLES = ("system", "user", "assistant", "observation")
 
 
-class ChatGLM2Tokenizer(PythonBackend):
+class GLMSpecialTokens:
+    """The `[gMASK] sop` prefix and the closing eos of a (prompt, answer) pair, shared by the ChatGLM2/3 and
+    GLM-4 tokenizers, which name those tokens differently (`PREFIX_TOKENS`, `EOS_TOKEN`)."""
+
+    PREFIX_TOKENS: tuple[str, str] = ("[gMASK]", "sop")
+    EOS_TOKEN = "<eos>"
+
+    def get_prefix_tokens(self) -> list[int]:
+        return [self.get_command(token) for token in self.PREFIX_TOKENS]
+
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        """`[gMASK] sop a` or, for a (prompt, answer) pair, `[gMASK] sop a b eos`."""
+        ids = self.get_prefix_tokens() + token_ids_0
+        if token_ids_1 is not None:
+            ids = ids + token_ids_1 + [self.get_command(self.EOS_TOKEN)]
+        return ids
+
+    def get_special_tokens_mask(
+        self,
+        token_ids_0: list[int],
+        token_ids_1: list[int] | None = None,
+        already_has_special_tokens: bool = False,
+    ) -> list[int]:
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
+        mask = [1, 1] + [0] * len(token_ids_0)
+        if token_ids_1 is not None:
+            mask += [0] * len(token_ids_1) + [1]
+        return mask
+
+
+class ChatGLM2Tokenizer(GLMSpecialTokens, PythonBackend):
     """ChatGLM2-6B tokenizer (a transformers slow tokenizer), ids identical to the published one.
 
     `published_inputs=True` also returns `position_ids` (0 on padding, 0.. on the tokens) as the published
@@ -195,31 +228,6 @@ class ChatGLM2Tokenizer(PythonBackend):
         return self.clean_up_tokenization(text) if cleanup else text
 
     # --- special tokens and prompts ---------------------------------------------------------------------
-
-    def get_prefix_tokens(self) -> list[int]:
-        return [self.get_command("[gMASK]"), self.get_command("sop")]
-
-    def build_inputs_with_special_tokens(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
-    ) -> list[int]:
-        """`[gMASK] sop a` or, for a (prompt, answer) pair, `[gMASK] sop a b </s>`."""
-        ids = self.get_prefix_tokens() + token_ids_0
-        if token_ids_1 is not None:
-            ids = ids + token_ids_1 + [self.get_command("<eos>")]
-        return ids
-
-    def get_special_tokens_mask(
-        self,
-        token_ids_0: list[int],
-        token_ids_1: list[int] | None = None,
-        already_has_special_tokens: bool = False,
-    ) -> list[int]:
-        if already_has_special_tokens:
-            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
-        mask = [1, 1] + [0] * len(token_ids_0)
-        if token_ids_1 is not None:
-            mask += [0] * len(token_ids_1) + [1]
-        return mask
 
     def build_prompt(self, query: str, history: Sequence[tuple[str, str]] | None = None) -> str:
         """ChatGLM2's chat prompt (published `build_prompt`): rounds counted from 1, blank lines around 问/答."""

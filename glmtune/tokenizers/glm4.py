@@ -24,6 +24,8 @@ import tiktoken
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.tokenization_python import PythonBackend
 
+from glmtune.tokenizers.chatglm2 import GLMSpecialTokens
+
 ROLES = ("system", "user", "assistant", "observation")
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -66,7 +68,7 @@ def read_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     return ranks
 
 
-class GLM4Tokenizer(PythonBackend):
+class GLM4Tokenizer(GLMSpecialTokens, PythonBackend):
     """GLM-4-9B-Chat tokenizer (a transformers slow tokenizer), ids identical to the published one.
 
     Tokens are written as byte-level strings (GPT-2's byte-to-character map), so the vocabulary has str keys.
@@ -75,6 +77,8 @@ class GLM4Tokenizer(PythonBackend):
     vocab_files_names = {"vocab_file": "tokenizer.model"}
     model_input_names = ["input_ids", "attention_mask"]
     padding_side = "left"
+    PREFIX_TOKENS = ("[gMASK]", "<sop>")
+    EOS_TOKEN = "<|endoftext|>"
 
     def __init__(
         self,
@@ -183,31 +187,6 @@ class GLM4Tokenizer(PythonBackend):
         return self.clean_up_tokenization(text) if cleanup else text
 
     # --- special tokens and prompts ---------------------------------------------------------------------
-
-    def get_prefix_tokens(self) -> list[int]:
-        return [self.get_command("[gMASK]"), self.get_command("<sop>")]
-
-    def build_inputs_with_special_tokens(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
-    ) -> list[int]:
-        """`[gMASK] <sop> a` or, for a (prompt, answer) pair, `[gMASK] <sop> a b <|endoftext|>`."""
-        ids = self.get_prefix_tokens() + token_ids_0
-        if token_ids_1 is not None:
-            ids = ids + token_ids_1 + [self.get_command("<|endoftext|>")]
-        return ids
-
-    def get_special_tokens_mask(
-        self,
-        token_ids_0: list[int],
-        token_ids_1: list[int] | None = None,
-        already_has_special_tokens: bool = False,
-    ) -> list[int]:
-        if already_has_special_tokens:
-            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
-        mask = [1, 1] + [0] * len(token_ids_0)
-        if token_ids_1 is not None:
-            mask += [0] * len(token_ids_1) + [1]
-        return mask
 
     @staticmethod
     def chat_text(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
