@@ -100,13 +100,16 @@ class DataArgs:
     ChatGLM3 (role tokens `<|user|>` / `<|assistant|>`, exactly what its chat() builds, so the model is
     trained on the prompts it will be chatted with). "chatglm3_plain" instead reproduces the plain samples of
     the reference fine-tuning data (`[gMASK] sop` + query + response + eos, no role tokens); a model tuned
-    with it must be prompted with it too. llama2, chatml and alpaca are for other models.
+    with it must be prompted with it too. glm4 (auto for GLM-4) labels answers as the published GLM-4
+    fine-tuning demo does with `combine: true`; glm4_per_message as with `combine: false` (the newline after
+    `<|assistant|>` is learnt too). llama2, chatml and alpaca are for other models.
 
     Args:
         train_files: JSON / JSON-lines files to train on.
         eval_files: files to evaluate on (may be empty).
         format: "auto" (detected per file), paragraph, prompt_completion, alpaca, conversations, input_target.
-        template: prompt template: auto, chatglm, chatglm2, chatglm3, chatglm3_plain, llama2, chatml, alpaca.
+        template: prompt template: auto, chatglm, chatglm2, chatglm3, chatglm3_plain, glm4, glm4_per_message,
+            llama2, chatml, alpaca.
         max_seq_length: longest sample in tokens (prompt + answer).
         max_target_length: longest answer in tokens (None = no separate limit).
         strategy: what to do with longer samples: truncate, slide (windows of `stride`) or drop.
