@@ -130,35 +130,51 @@ def test_the_glm4_folder_is_its_own_family(reference_dir) -> None:
             load_model(other, family=wrong)
 
 
-@pytest.mark.slow
-def test_glm4_through_the_scripts(reference_dir, tmp_path) -> None:
-    """data_utils.py, train.py (LoRA) and infer_lora_finetuning.py --predict on the published GLM-4 folder."""
+def run_script(script: str, *flags: str) -> str:
+    """`python script flags...` from the repository root, as a user runs it; its stdout, or the failure's
+    output tails."""
     import subprocess
     import sys
 
     from tests.conftest import REPO_ROOT
 
+    result = subprocess.run(
+        [sys.executable, script, *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+# What each method adds to the default config's flags, and the script that chats with its result.
+SCRIPT_METHODS = {
+    "lora": ([], "infer_lora_finetuning.py"),
+    # P-Tuning v2: the published recipe's prefix learning rate order (2e-2), a short prefix
+    "ptv2": (["--method", "ptv2", "--ptv2.pre_seq_len", "8", "--train.learning_rate", "0.02"], "infer_finetuning.py"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(SCRIPT_METHODS))
+def test_glm4_through_the_scripts(reference_dir, tmp_path, method) -> None:
+    """data_utils.py, train.py (LoRA or P-Tuning v2) and the method's inference script --predict on the
+    published GLM-4 folder."""
+    extra, infer_script = SCRIPT_METHODS[method]
     flags = [
         "--model.path", str(reference_dir / FOLDER), "--data.output_dir", str(tmp_path / "records"),
         "--train.output_dir", str(tmp_path / "run"), "--train.max_steps", "2", "--train.batch_size", "2",
+        *extra,
     ]  # fmt: skip
 
-    def run(script: str, *extra: str) -> str:
-        result = subprocess.run(
-            [sys.executable, script, *flags, *extra],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        return result.stdout
-
-    run("data_utils.py")
-    run("train.py")
-    run_config = (tmp_path / "run" / "final" / "hyperparameters.yaml").read_text()
-    assert "template: auto" in run_config
-    answers = run("infer_lora_finetuning.py", "--predict", "data/dev.json", "--limit", "2")
+    run_script("data_utils.py", *flags)
+    run_script("train.py", *flags)
+    final = tmp_path / "run" / "final"
+    run_config = (final / "hyperparameters.yaml").read_text()
+    assert "template: auto" in run_config and f"method: {method}" in run_config
+    if method == "ptv2":
+        assert set(torch.load(final / "pytorch_model.bin", weights_only=True)) == {
+            "transformer.prefix_encoder.embedding.weight"
+        }
+    answers = run_script(infer_script, *flags, "--predict", "data/dev.json", "--limit", "2")
     assert answers.strip().splitlines()[-1].startswith("exact match: ")
 
 
