@@ -26,7 +26,6 @@ error is yielded in place of the record instead, so a caller can skip it and kee
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -34,6 +33,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from glmtune.data.tool_calls import CHATGLM3_TOOLS_PROMPT, chatglm3_call_content
 
 FormatName = Literal[
     "paragraph",
@@ -219,10 +220,6 @@ def parse_input_target(obj: dict, src: str) -> Dialogue:
 # each assistant text, for reports and prediction.
 
 _TOOL_ROLES = ("system", "user", "assistant", "observation")
-# The system message ChatGLM3's fine-tuning demo puts first when a record has `tools`.
-_CHATGLM3_TOOLS_PROMPT = (
-    "Answer the following questions as best as you can. You have access to the following tools:"
-)
 
 
 def _chatglm3_tool_call(message: dict, src: str, where: str) -> list[dict[str, Any]]:
@@ -235,15 +232,17 @@ def _chatglm3_tool_call(message: dict, src: str, where: str) -> list[dict[str, A
             raise DataError(
                 src, f"expected {kind.__name__}, got {type(message[key]).__name__}", f"{where}.{key}"
             )
-    name, parameters = message["name"], message["parameters"]
-    keywords = [ast.keyword(arg=k, value=ast.Constant(v)) for k, v in parameters.items()]
-    call = ast.unparse(ast.Call(func=ast.Name(id="tool_call"), args=[], keywords=keywords))
     observation = message["observation"]
     if not isinstance(observation, str):
         observation = json.dumps(observation, ensure_ascii=False)
     loss = {"loss": message["loss"]} if "loss" in message else {}
     return [
-        {"role": "assistant", "metadata": name, "content": f"```python\n{call}\n```", **loss},
+        {
+            "role": "assistant",
+            "metadata": message["name"],
+            "content": chatglm3_call_content(message["parameters"]),
+            **loss,
+        },
         {"role": "observation", "content": observation},
     ]
 
@@ -287,7 +286,7 @@ def parse_chatglm3_tools(obj: dict, src: str) -> Dialogue:
     `observation` messages too (the published history format)."""
     conversations = _get(obj, "conversations", src, kind=list)
     tools = _get(obj, "tools", src, kind=list, required=False)
-    messages = [{"role": "system", "content": _CHATGLM3_TOOLS_PROMPT, "tools": tools}] if tools else []
+    messages = [{"role": "system", "content": CHATGLM3_TOOLS_PROMPT, "tools": tools}] if tools else []
     for i, message in enumerate(conversations):
         where = f"conversations[{i}]"
         if isinstance(message, dict) and message.get("role") == "tool":

@@ -122,7 +122,10 @@ class ChatEngine:
             kept.append(int(i))
         return kept, False
 
-    @torch.inference_mode()
+    def messages_prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        """The prompt of a dialogue of published messages (tools, tool calls and observations included)."""
+        return list(self.template.build_messages_prompt(messages).input_ids)
+
     def batch_complete(
         self,
         queries: list[str],
@@ -133,12 +136,24 @@ class ChatEngine:
         row_stops: list[list[str] | None] | None = None,
         **overrides,
     ) -> list[Completion]:
-        """One generate() for all queries. `row_budgets` and `row_stops` give each row its own
-        max_new_tokens and stop strings (a server batching different requests); generation runs to the
-        largest budget and each row is cut to its own, which for greedy decoding is exactly its solo answer."""
+        """One generate() for all queries (see `complete_prompts`)."""
         histories = histories or [[] for _ in queries]
         systems = systems or [None for _ in queries]
         prompts = [self.prompt_ids(q, h, s) for q, h, s in zip(queries, histories, systems, strict=True)]
+        return self.complete_prompts(prompts, row_budgets=row_budgets, row_stops=row_stops, **overrides)
+
+    @torch.inference_mode()
+    def complete_prompts(
+        self,
+        prompts: list[list[int]],
+        *,
+        row_budgets: list[int] | None = None,
+        row_stops: list[list[str] | None] | None = None,
+        **overrides,
+    ) -> list[Completion]:
+        """One generate() for all prompts (ids). `row_budgets` and `row_stops` give each row its own
+        max_new_tokens and stop strings (a server batching different requests); generation runs to the
+        largest budget and each row is cut to its own, which for greedy decoding is exactly its solo answer."""
         batch = self._batch(prompts)
         if row_budgets is not None:
             overrides = {**overrides, "max_new_tokens": max(row_budgets)}
@@ -182,9 +197,12 @@ class ChatEngine:
         The generator's return value (`StopIteration.value`) is the finished `Completion`. Closing the
         generator early stops generate() at the next token.
         """
+        return self.stream_prompt(self.prompt_ids(query, history, system), **overrides)
+
+    def stream_prompt(self, prompt: list[int], **overrides) -> Generator[str, None, Completion]:
+        """`stream_chat` for a prompt given as ids."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        prompt = self.prompt_ids(query, history, system)
         batch = self._batch([prompt])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()

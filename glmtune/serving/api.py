@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from glmtune.inference.engine import ChatEngine, Completion, History, held_back
+from glmtune.inference.engine import ChatEngine, Completion, held_back
 from glmtune.serving.batching import Batcher
 from glmtune.serving.guards import OPEN_PATHS, BearerAuth, BodyLimits, HostAllowList
 from glmtune.serving.limits import AdmissionGate, RequestError, ServingLimits, answer_budget
@@ -39,11 +39,15 @@ from glmtune.serving.schemas import (
     Choice,
     ChunkChoice,
     Delta,
+    DeltaToolCall,
     ErrorResponse,
+    FinishReason,
     ModelCard,
     ModelList,
     Usage,
 )
+from glmtune.serving.tool_calls import ToolConversation, tool_conversation, uses_tools
+from glmtune.serving.tool_calls import answer as tool_answer
 from glmtune.serving.web import mount_chat_ui
 
 log = logging.getLogger("glmtune.serving")
@@ -70,7 +74,8 @@ def _validation_message(errors: Sequence[Any], content_type: str) -> str:
             lines.append(f"malformed JSON body at character {loc[-1] if loc else '?'}: {ctx}".rstrip(": "))
             continue
         field = ".".join(loc) or "body"
-        lines.append(f"{field}: {err.get('msg', 'invalid')}")
+        # pydantic prefixes our validators' messages with "Value error, ": the message alone says it
+        lines.append(f"{field}: {err.get('msg', 'invalid').removeprefix('Value error, ')}")
     return "; ".join(lines) or "invalid request body"
 
 
@@ -237,11 +242,11 @@ def add_info_routes(app: FastAPI, model_name: str) -> None:
         return ModelList(data=[ModelCard(id=model_name, created=created)])
 
 
-async def prompt_length(
+async def chat_prompt(
     engine: ChatEngine, query: str, history: list[tuple[str, str]], system: str | None
-) -> int:
+) -> list[int]:
     try:
-        return len(await run_in_threadpool(engine.prompt_ids, query, history, system))
+        return await run_in_threadpool(engine.prompt_ids, query, history, system)
     except ValueError as err:  # the template refuses the conversation (e.g. a role it cannot place)
         raise RequestError(f"messages: {err}", param="messages") from err
 
@@ -256,12 +261,12 @@ def add_chatglm_route(app: FastAPI, engine: ChatEngine, gate: AdmissionGate, bat
         history = list(body.history or [])
         gate.enter()
         try:
-            prompt_tokens = await prompt_length(engine, body.prompt, history, None)
+            prompt = await chat_prompt(engine, body.prompt, history, None)
             budget = answer_budget(
-                prompt_tokens, engine.context_length, default_new_tokens, max_length=body.max_length
+                len(prompt), engine.context_length, default_new_tokens, max_length=body.max_length
             )
             overrides = {**sampling(body.temperature, body.top_p), "max_new_tokens": budget}
-            completion = await batcher.complete(body.prompt, history, None, overrides)
+            completion = await batcher.complete(prompt, overrides)
         finally:
             gate.leave()
         log.info(
@@ -278,53 +283,54 @@ def add_chatglm_route(app: FastAPI, engine: ChatEngine, gate: AdmissionGate, bat
 def add_openai_chat_route(
     app: FastAPI, engine: ChatEngine, model_name: str, gate: AdmissionGate, batcher: Batcher
 ) -> None:
-    """POST /v1/chat/completions, OpenAI's chat API: one answer, or server-sent events with `stream`."""
+    """POST /v1/chat/completions, OpenAI's chat API: one answer, or server-sent events with `stream`; tool
+    calls on models whose chat format has them (see tool_calls.py)."""
     default_new_tokens = engine.generation.max_new_tokens
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
-        query, history, system = conversation(body.messages)
+        tools: ToolConversation | None = None
+        if uses_tools(body):
+            tools = await run_in_threadpool(tool_conversation, engine, body)
+            prompt = tools.prompt
+        else:
+            prompt = await chat_prompt(engine, *conversation(body.messages))
         gate.enter()
         streaming = False
         try:
-            response = await _answer(body, query, history, system)
+            response = await _answer(body, prompt, tools)
             streaming = isinstance(response, GatedStream)
             return response
         finally:
             if not streaming:  # a stream leaves the gate when it ends
                 gate.leave()
 
-    async def _answer(body: ChatCompletionRequest, query: str, history: History, system: str | None):
-        prompt_tokens = await prompt_length(engine, query, history, system)
+    async def _answer(body: ChatCompletionRequest, prompt: list[int], tools: ToolConversation | None):
         budget = answer_budget(
-            prompt_tokens,
+            len(prompt),
             engine.context_length,
             default_new_tokens,
             max_new_tokens=body.max_tokens or body.max_completion_tokens,
         )
         overrides = {**sampling(body.temperature, body.top_p), "max_new_tokens": budget, "stop": body.stop}
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = SSEStream(engine, model_name, completion_id, include_usage)
+        if body.stream and tools is None:
+            return stream.response(gate, stream.events(prompt, overrides))
+        completion = await batcher.complete(prompt, overrides)
+        if tools is None:
+            message, finish_reason = AssistantMessage(content=completion.text), completion.finish_reason
+        else:
+            message, finish_reason = tool_answer(engine, tools, completion)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = SSEStream(engine, model_name, completion_id, include_usage)
-            return GatedStream(
-                gate,
-                stream.events(query, history, system, overrides),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        completion = await batcher.complete(query, history, system, overrides)
+            # A tool call is known only once the answer is whole: it is sent in one piece.
+            return stream.response(gate, stream.whole(message, finish_reason, completion))
         return ChatCompletion(
             id=completion_id,
             created=int(time.time()),
             model=model_name,
-            choices=[
-                Choice(
-                    index=0,
-                    message=AssistantMessage(content=completion.text),
-                    finish_reason=completion.finish_reason,
-                )
-            ],
+            choices=[Choice(index=0, message=message, finish_reason=finish_reason)],
             usage=usage(completion),
         )
 
@@ -378,16 +384,44 @@ class SSEStream:
     def content(self, text: str) -> str:
         return self.chunk([ChunkChoice(index=0, delta=Delta(content=text), finish_reason=None)])
 
-    async def events(
-        self, query: str, history: list[tuple[str, str]], system: str | None, overrides: dict
+    def opening(self) -> str:
+        return self.chunk(
+            [ChunkChoice(index=0, delta=Delta(role="assistant", content=""), finish_reason=None)]
+        )
+
+    def ending(self, finish_reason: FinishReason, completion: Completion) -> Iterator[str]:
+        yield self.chunk([ChunkChoice(index=0, delta=Delta(), finish_reason=finish_reason)])
+        if self.include_usage:
+            yield self.chunk([], usage(completion))
+        yield "data: [DONE]\n\n"
+
+    def response(self, gate: AdmissionGate, events: AsyncIterator[str]) -> GatedStream:
+        return GatedStream(
+            gate,
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def whole(
+        self, message: AssistantMessage, finish_reason: FinishReason, completion: Completion
     ) -> AsyncIterator[str]:
+        """A finished answer as a stream: its text, or its tool calls, in one chunk."""
+        yield self.opening()
+        if message.tool_calls:
+            calls = [DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(message.tool_calls)]
+            yield self.chunk([ChunkChoice(index=0, delta=Delta(tool_calls=calls), finish_reason=None)])
+        elif message.content:
+            yield self.content(message.content)
+        for event in self.ending(finish_reason, completion):
+            yield event
+
+    async def events(self, prompt: list[int], overrides: dict) -> AsyncIterator[str]:
         engine = self.engine
-        stream = engine.stream_chat(query, history, system, **overrides)
+        stream = engine.stream_prompt(prompt, **overrides)
         tracker = DeltaTracker(overrides.get("stop") or engine.generation.stop)
         try:
-            yield self.chunk(
-                [ChunkChoice(index=0, delta=Delta(role="assistant", content=""), finish_reason=None)]
-            )
+            yield self.opening()
             while True:
                 finished, value = await run_in_threadpool(_step, stream, tracker)
                 if finished:
@@ -398,10 +432,8 @@ class SSEStream:
             rest = tracker.finish(completion.text)
             if rest:
                 yield self.content(rest)
-            yield self.chunk([ChunkChoice(index=0, delta=Delta(), finish_reason=completion.finish_reason)])
-            if self.include_usage:
-                yield self.chunk([], usage(completion))
-            yield "data: [DONE]\n\n"
+            for event in self.ending(completion.finish_reason, completion):
+                yield event
         except Exception:
             # The 200 status and earlier chunks are already sent: report in the stream, as OpenAI does, and
             # end it as every stream ends; what went wrong inside is for the server log, not the client.

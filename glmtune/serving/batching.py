@@ -15,16 +15,14 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from glmtune.inference.engine import ChatEngine, Completion, History
+from glmtune.inference.engine import ChatEngine, Completion
 
 
 @dataclass
 class Pending:
     """One request waiting for its answer."""
 
-    query: str
-    history: History
-    system: str | None
+    prompt: list[int]  # the chat prompt's ids
     budget: int
     stop: list[str] | None
     sampling: dict[str, Any]
@@ -51,16 +49,12 @@ class Batcher:
         self.drain_task: asyncio.Task | None = None
         self.batch_sizes: list[int] = []  # what ran, for logs and tests
 
-    async def complete(
-        self, query: str, history: History, system: str | None, overrides: dict[str, Any]
-    ) -> Completion:
-        """The answer to one request, as `ChatEngine.complete(query, history, system, **overrides)` gives it."""
+    async def complete(self, prompt: list[int], overrides: dict[str, Any]) -> Completion:
+        """The answer to one prompt, as `ChatEngine.complete_prompts([prompt], **overrides)` gives it."""
         settings = dict(overrides)
         budget = settings.pop("max_new_tokens")
         stop = settings.pop("stop", None)
-        item = Pending(
-            query, history, system, budget, stop, settings, asyncio.get_running_loop().create_future()
-        )
+        item = Pending(prompt, budget, stop, settings, asyncio.get_running_loop().create_future())
         self.pending.append(item)
         if self.drain_task is None or self.drain_task.done():
             self.drain_task = asyncio.create_task(self._drain())
@@ -92,10 +86,8 @@ class Batcher:
                     item.answer.set_result(answer)
 
     def _generate(self, batch: list[Pending]) -> list[Completion]:
-        return self.engine.batch_complete(
-            [p.query for p in batch],
-            [p.history for p in batch],
-            [p.system for p in batch],
+        return self.engine.complete_prompts(
+            [p.prompt for p in batch],
             row_budgets=[p.budget for p in batch],
             row_stops=[p.stop for p in batch],
             **batch[0].sampling,

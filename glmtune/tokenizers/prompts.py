@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from glmtune.data.samples import IGNORE_INDEX
 from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer
-from glmtune.tokenizers.tool_prompts import build_messages_sample
+from glmtune.tokenizers.tool_prompts import build_messages_sample, messages_prompt_ids
 
 History = Sequence[Sequence[str] | Mapping[str, Any]]
 Parts = list[tuple[str, bool]]  # prompt text in pieces; True marks an (earlier) answer to supervise
@@ -157,6 +157,7 @@ class ChatTemplate:
     protected_head: int = 0
     protected_tail: int = 0
     dialogue_unsupported: str | None = None
+    supports_tools: ClassVar[bool] = False  # whether `build_messages_prompt` can render tools and tool calls
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
@@ -181,6 +182,13 @@ class ChatTemplate:
         self, query: str, history: History | None = None, system: str | None = None
     ) -> ChatPrompt:
         raise NotImplementedError
+
+    def build_messages_prompt(self, messages: Sequence[Mapping[str, Any]]) -> ChatPrompt:
+        """The chat prompt of a dialogue of published messages (`{"role", "content", "metadata"?, "tools"?}`,
+        tool calls and observations included), for the model to answer next."""
+        raise ValueError(
+            f"template {self.name!r} has no tool-call format (tools work with the chatglm3 and glm4 templates)"
+        )
 
     def labelled_prompt(
         self, query: str, history: History | None = None, system: str | None = None
@@ -389,6 +397,7 @@ class ChatGLM3Template(ChatTemplate):
 
     name = "chatglm3"
     chat_format: ClassVar[bool] = True
+    supports_tools = True
     protected_head = 2
     protected_tail = 1  # the final <|assistant|>
     label_newline: ClassVar[bool] = True  # the metadata line after <|assistant|> is learnt
@@ -434,6 +443,9 @@ class ChatGLM3Template(ChatTemplate):
                 labels[start + 1 : end + 1] = ids[start + 1 : end + 1]
         return TrainSample(ids, labels)
 
+    def build_messages_prompt(self, messages: Sequence[Mapping[str, Any]]) -> ChatPrompt:
+        return ChatPrompt(None, messages_prompt_ids(self.tokenizer, messages))
+
     def build_messages_sample(self, messages: Sequence[Mapping[str, Any]]) -> TrainSample:
         """A tool-call dialogue (see glmtune/tokenizers/tool_prompts.py), every assistant message learnt."""
         return TrainSample(*build_messages_sample(self.tokenizer, messages, label_first=self.label_newline))
@@ -471,6 +483,8 @@ class ChatGLM3PlainTemplate(ChatGLM3Template):
     name = "chatglm3_plain"
     chat_format = False
     protected_tail = 0
+    supports_tools = False
+    build_messages_prompt = ChatTemplate.build_messages_prompt
 
     def labelled_prompt(
         self, query: str, history: History | None = None, system: str | None = None

@@ -13,6 +13,9 @@ user, assistant, observation), rendered as the published chat formats do:
 Every assistant message (a text answer or a tool call) is supervised: the tokens after its role token and the
 role token (or end token) that ends it, as both demos shift their loss masks by one. A message with
 `"loss": false` is not.
+
+A tool call is an assistant message whose metadata is the tool's name and whose content is the arguments
+(see tool_calls.py); `parse_tool_call` reads a model's answer back into (name, arguments).
 """
 
 from __future__ import annotations
@@ -24,14 +27,85 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from glmtune.data.samples import IGNORE_INDEX
+from glmtune.data.tool_calls import (
+    CHATGLM3_TOOLS_PROMPT,
+    chatglm3_call_content,
+    parse_chatglm3_arguments,
+)
 
 Message = Mapping[str, Any]
 
 
-def _is_chatglm3(tokenizer: PreTrainedTokenizerBase) -> bool:
+def is_chatglm3(tokenizer: PreTrainedTokenizerBase) -> bool:
     # ChatGLM3's tokenizer builds messages itself; GLM-4's (published or transformers-native) renders them
     # with its chat_template, the published rendering.
     return hasattr(tokenizer, "build_single_message")
+
+
+def tool_call_message(tokenizer: PreTrainedTokenizerBase, name: str, arguments: Mapping[str, Any]) -> dict:
+    """The assistant message of a call to tool `name`, in the tokenizer's family's format."""
+    if is_chatglm3(tokenizer):
+        content = chatglm3_call_content(arguments)
+    else:
+        content = json.dumps(arguments, ensure_ascii=False)
+    return {"role": "assistant", "metadata": name, "content": content}
+
+
+def call_opening_ids(tokenizer: PreTrainedTokenizerBase, name: str) -> list[int]:
+    """The ids after `<|assistant|>` that open a call to `name` (its metadata line): a prompt ending with them
+    makes the model write that call's arguments."""
+    if is_chatglm3(tokenizer):
+        return tokenizer.build_single_message("assistant", name, "")[1:]
+    return list(tokenizer.encode(f"{name}\n", add_special_tokens=False))
+
+
+def tools_system_message(
+    tokenizer: PreTrainedTokenizerBase, tools: Sequence[Mapping[str, Any]], system: str | None = None
+) -> dict:
+    """The system message that offers OpenAI-style tools (`{"type": "function", "function": {...}}`): ChatGLM3
+    lists the functions under its demos' tool prompt, GLM-4's chat_template takes the typed tools."""
+    if is_chatglm3(tokenizer):
+        functions = [tool["function"] for tool in tools]
+        return {"role": "system", "content": system or CHATGLM3_TOOLS_PROMPT, "tools": functions}
+    return {"role": "system", "content": system or "", "tools": list(tools)}
+
+
+def parse_tool_call(
+    tokenizer: PreTrainedTokenizerBase, answer: str, tool_names: Sequence[str]
+) -> tuple[str, dict[str, Any]] | None:
+    """(tool name, arguments) when the model's answer is a call to one of `tool_names`, else None.
+
+    The answer is what generation decoded: the metadata line (the tool's name) then the arguments, as the
+    published demos read it; anything else (an unknown name, arguments that do not parse) is a text answer.
+    """
+    name, newline, content = answer.strip().partition("\n")
+    name = name.strip()
+    if not newline or name not in tool_names:
+        return None
+    if is_chatglm3(tokenizer):
+        arguments = parse_chatglm3_arguments(content)
+    else:
+        try:
+            arguments = json.loads(content)
+        except json.JSONDecodeError:
+            arguments = None
+    return (name, arguments) if isinstance(arguments, dict) else None
+
+
+def message_ids(tokenizer: PreTrainedTokenizerBase, message: Message) -> list[int]:
+    """One message's ids in the tokenizer's family's chat format (no `[gMASK] sop`)."""
+    if is_chatglm3(tokenizer):
+        return chatglm3_message_ids(tokenizer, message)
+    return chat_template_message_ids(tokenizer, message)
+
+
+def messages_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
+    """The chat prompt of a tool-call dialogue: `[gMASK] sop`, every message, then `<|assistant|>` for the
+    model to answer (a tool call or text), as the published chat formats prompt."""
+    ids = list(tokenizer.build_inputs_with_special_tokens([]))
+    for message in messages:
+        ids += message_ids(tokenizer, message)
+    return ids + [tokenizer.convert_tokens_to_ids("<|assistant|>")]
 
 
 def chatglm3_message_ids(tokenizer: Any, message: Message) -> list[int]:
@@ -68,16 +142,12 @@ def build_messages_sample(
 
     `label_first=False` leaves out the `\\n` after `<|assistant|>` in answers without metadata (GLM-4's demo
     with `combine: true` never supervises it); a tool call's function name, its metadata, is always learnt."""
-    chatglm3 = _is_chatglm3(tokenizer)
+    chatglm3 = is_chatglm3(tokenizer)
     ids = list(tokenizer.build_inputs_with_special_tokens([]))  # [gMASK] sop
     supervised: list[bool] = [False] * len(ids)
     unlabelled_firsts: list[int] = []
     for message in messages:
-        piece = (
-            chatglm3_message_ids(tokenizer, message)
-            if chatglm3
-            else chat_template_message_ids(tokenizer, message)
-        )
+        piece = message_ids(tokenizer, message)
         learn = message["role"] == "assistant" and message.get("loss", True) is not False
         if learn and not label_first and not message.get("metadata"):
             unlabelled_firsts.append(len(ids) + 1)

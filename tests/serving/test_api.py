@@ -165,7 +165,7 @@ def test_wrong_and_missing_key_get_401(api_server):
         ({}, "messages: Field required"),
         ({"messages": []}, "messages: List should have at least 1 item"),
         ({"messages": "hello"}, "messages: Input should be a valid list"),
-        ({"messages": [{"role": "user"}]}, "messages.0.content: Field required"),
+        ({"messages": [{"role": "user"}]}, "messages.0: content: required in a user message"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role: Input should be"),
         (
             {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"},

@@ -65,11 +65,11 @@ def test_a_batch_takes_the_oldest_request_and_those_with_its_settings(engine):
         batcher = Batcher(engine, max_batch_size=2)
 
         def pending(query: str, sampling: dict) -> Pending:
-            return Pending(query, [], None, 4, None, sampling, loop.create_future())
+            return Pending([ord(query)], 4, None, sampling, loop.create_future())
 
         greedy, warm = {"do_sample": False}, {"do_sample": True, "temperature": 0.7}
         batcher.pending = [pending("a", warm), pending("b", greedy), pending("c", warm), pending("d", warm)]
         batcher.pending[2].answer.cancel()  # its client left
-        return [[p.query for p in batcher._take()] for _ in range(4)]
+        return [[chr(p.prompt[0]) for p in batcher._take()] for _ in range(4)]
 
     assert asyncio.run(take()) == [["a", "d"], ["b"], [], []]

@@ -117,8 +117,8 @@ def test_a_failing_generation_says_nothing_of_the_internals(engine, monkeypatch)
         yield "partial"
         raise Boom("secret internal detail")
 
-    monkeypatch.setattr(engine, "batch_complete", fails)
-    monkeypatch.setattr(engine, "stream_chat", stream_fails)
+    monkeypatch.setattr(engine, "complete_prompts", fails)
+    monkeypatch.setattr(engine, "stream_prompt", stream_fails)
     response = api.post(CHAT, json={"messages": HI})
     assert response.status_code == 500
     error = openai_error(response)
