@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
@@ -222,6 +222,20 @@ def uvicorn_limits(header_timeout_s: float) -> dict:
     )
 
 
+def serving_limits(ns: Any) -> ServingLimits:
+    """The server's limits from its flags; a ConfigError for a limit that is not positive."""
+    limits = ServingLimits(
+        max_queue=ns.max_queue,
+        max_batch_size=ns.max_batch_size,
+        max_body_bytes=ns.max_body_bytes,
+        body_timeout_s=ns.body_timeout,
+    )
+    flags = ("max_queue", "max_batch_size", "max_body_bytes", "body_timeout", "header_timeout")
+    if any(getattr(ns, flag) <= 0 for flag in flags):
+        raise ConfigError(f"{', '.join('--' + f for f in flags)} must be positive")
+    return limits
+
+
 @exits_on_user_error
 def main(description: str, argv: list[str] | None = None) -> int:
     import uvicorn
@@ -229,11 +243,7 @@ def main(description: str, argv: list[str] | None = None) -> int:
     cfg, ns = parse_args(api_parser(description), argv)
     api_key = read_api_key(ns.api_key, ns.api_key_file)
     check_auth(ns.host, api_key, ns.no_auth)
-    limits = ServingLimits(ns.max_queue, ns.max_body_bytes, ns.body_timeout)
-    if ns.max_queue < 1 or ns.max_body_bytes < 1 or ns.body_timeout <= 0 or ns.header_timeout <= 0:
-        raise ConfigError(
-            "--max_queue, --max_body_bytes, --body_timeout and --header_timeout must be positive"
-        )
+    limits = serving_limits(ns)
     check_address(ns.host, ns.port)
     if ns.ui:
         gradio_module()

@@ -14,10 +14,20 @@ import pytest
 pytest.importorskip("fastapi", reason="serving needs the 'serve' extras (pip install -e '.[serve]')")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from glmtune.config import ConfigError  # noqa: E402
+from glmtune.config import (
+    ConfigError,  # noqa: E402
+    parse_args,  # noqa: E402
+)
 from glmtune.serving.api import create_app  # noqa: E402
 from glmtune.serving.guards import host_name  # noqa: E402
-from glmtune.serving.launch import allowed_hosts, check_auth, main, read_api_key  # noqa: E402
+from glmtune.serving.launch import (  # noqa: E402
+    allowed_hosts,
+    api_parser,
+    check_auth,
+    main,
+    read_api_key,
+    serving_limits,
+)
 from glmtune.serving.limits import ServingLimits  # noqa: E402
 from glmtune.serving.schemas import MAX_STOP_CHARS, MAX_STOPS  # noqa: E402
 
@@ -208,6 +218,7 @@ def test_non_loopback_without_a_key_needs_no_auth():
         (["--host", "0.0.0.0"], "without an API key"),
         (["--api_key", ""], "--api_key: the API key is empty"),
         (["--max_queue", "0"], "must be positive"),
+        (["--max_batch_size", "0"], "must be positive"),
     ],
 )
 def test_infer_api_refuses_unsafe_settings_before_loading(argv, expected, capsys, monkeypatch):
@@ -215,3 +226,13 @@ def test_infer_api_refuses_unsafe_settings_before_loading(argv, expected, capsys
     assert main("test", argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+
+
+def test_each_limit_flag_sets_its_limit():
+    argv = ["--max_queue", "5", "--max_batch_size", "3", "--max_body_bytes", "1000", "--body_timeout", "7"]
+    _, ns = parse_args(api_parser("test"), argv)
+    assert serving_limits(ns) == ServingLimits(
+        max_queue=5, max_batch_size=3, max_body_bytes=1000, body_timeout_s=7.0
+    )
+    _, defaults = parse_args(api_parser("test"), [])
+    assert serving_limits(defaults) == ServingLimits()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ pytest.importorskip("fastapi", reason="serving needs the 'serve' extras (pip ins
 pytest.importorskip("uvicorn", reason="serving needs the 'serve' extras (pip install -e '.[serve]')")
 httpx = pytest.importorskip("httpx")
 
-from tests.serving.live_server import API_KEY  # noqa: E402
+from tests.serving.live_server import API_KEY, script_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,51 +63,19 @@ def lora_artifact(tmp_path) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_script_serves_a_lora_checkpoint_with_the_key_from_the_environment(lora_artifact, engine):
     from glmtune.config import build_parser, parse_args
     from glmtune.inference.artifacts import load_lora
 
-    port = free_port()
     env = {**os.environ, "GLMTUNE_API_KEY": API_KEY}
-    proc = subprocess.Popen(
-        [sys.executable, "infer_api.py", "--checkpoint", str(lora_artifact), "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"infer_api.py exited early:\n{proc.stdout.read()}"
-            assert time.monotonic() < deadline, "infer_api.py did not start in time"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+    with script_server("--checkpoint", str(lora_artifact), env=env) as live:
         auth = {"Authorization": f"Bearer {API_KEY}"}
-        models = httpx.get(f"{url}/v1/models", headers=auth, timeout=30).json()
+        models = httpx.get(f"{live.url}/v1/models", headers=auth, timeout=30).json()
         assert [m["id"] for m in models["data"]] == ["tiny-chatglm2+run"]
-        assert httpx.post(f"{url}/", json={"prompt": "你好"}, timeout=30).status_code == 401
-        body = httpx.post(f"{url}/", json={"prompt": "你好"}, headers=auth, timeout=120).json()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            output, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-    assert proc.returncode == 0, output
+        assert httpx.post(f"{live.url}/", json={"prompt": "你好"}, timeout=30).status_code == 401
+        body = httpx.post(f"{live.url}/", json={"prompt": "你好"}, headers=auth, timeout=120).json()
+    assert live.returncode == [0], live.output
     cfg, _ = parse_args(build_parser("test"), [])
     served = load_lora(cfg, lora_artifact)
     assert body["response"] == served.chat("你好")[0]
