@@ -34,6 +34,7 @@ from glmtune.inference.cli import (
 )
 from glmtune.inference.merge import MergeFormat, check_merge_target, merge_and_save
 from glmtune.inference.predict import check_predict_paths
+from glmtune.inference.reward import is_reward_run, reward_artifact, score_main
 from glmtune.training.module import CausalLMModule
 from glmtune.training.trainer import train
 
@@ -122,6 +123,11 @@ def lora_main(argv: list[str] | None = None) -> int:
             )
         check_merge_target(ns.merge)
         adapter = artifact_folder(cfg, ns.checkpoint)
+        if is_reward_run(read_run_config(adapter)):
+            raise ConfigError(
+                f"{adapter} is a reward model: --merge would drop its value head (not supported); score with "
+                "the adapter as it is (--predict PAIRS)"
+            )
         engine = load_lora(cfg, adapter, ns.device)
         merge_and_save(
             engine, ns.merge, run_config=read_run_config(adapter), merge_format=ns.merge_format or "published"
@@ -130,6 +136,9 @@ def lora_main(argv: list[str] | None = None) -> int:
         return 0
     if ns.predict:
         check_predict_paths(ns.predict, ns.out)
+    reward = reward_artifact(cfg, ns.checkpoint)
+    if reward is not None:  # a value head: it scores answers (--predict on pairs) instead of chatting
+        return score_main(cfg, reward, ns)
     engine = load_lora(cfg, ns.checkpoint, ns.device)
     run_inference(engine, ns)
     return 0

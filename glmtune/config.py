@@ -29,8 +29,9 @@ TINY_MODEL_PATH = "output/tiny-chatglm2"
 
 Family = Literal["auto", "chatglm", "chatglm2", "chatglm3", "glm4", "hf"]
 Method = Literal["full", "freeze", "ptv2", "lora", "adalora", "ia3"]
-# sft: supervised fine-tuning on answers; dpo: Direct Preference Optimization on chosen / rejected pairs.
-Stage = Literal["sft", "dpo"]
+# sft: supervised fine-tuning on answers; dpo: Direct Preference Optimization on chosen / rejected pairs;
+# reward: a pairwise reward model (a value head on the last token) on the same pairs.
+Stage = Literal["sft", "dpo", "reward"]
 
 
 class ConfigError(ValueError):
@@ -476,7 +477,8 @@ def build_parser(description: str, sections: list[str] | None = None) -> Argumen
         "--stage",
         type=Stage,
         default="sft",
-        help="Training stage: sft (supervised answers) or dpo (preference pairs, see the dpo section).",
+        help="Training stage: sft (supervised answers), dpo (preference pairs, see the dpo section) or reward "
+        "(a pairwise reward model: a value head scoring an answer, trained on the same pairs).",
     )
     for name in sections or list(SECTIONS):
         parser.add_class_arguments(SECTIONS[name], name, fail_untyped=False, sub_configs=True)

@@ -12,6 +12,7 @@ from glmtune.data.readers import DataError
 from glmtune.inference.chat import terminal_chat
 from glmtune.inference.engine import ChatEngine
 from glmtune.inference.predict import check_predict_paths, predict
+from glmtune.inference.reward import reward_artifact, score_main
 from glmtune.training.module import NonFiniteLossError
 
 P = ParamSpec("P")
@@ -127,6 +128,10 @@ def inference_main(
     check_inference_flags(ns)
     if ns.predict:
         check_predict_paths(ns.predict, ns.out)
+    if with_checkpoint:
+        reward = reward_artifact(cfg, ns.checkpoint)
+        if reward is not None:  # a value head: it scores answers (--predict on pairs) instead of chatting
+            return score_main(cfg, reward, ns)
     engine = load(cfg, ns.checkpoint, ns.device) if with_checkpoint else load(cfg, ns.device)
     run_inference(engine, ns)
     return 0

@@ -1,5 +1,5 @@
-"""The data side of `stage: dpo`: which `data:` and method settings preference training can honour, and the
-pair records with their loaders."""
+"""The data side of `stage: dpo` and `stage: reward`: which `data:` and method settings preference training can
+honour, and the pair records with their loaders."""
 
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ from glmtune.demo.tiny import ensure_model
 from glmtune.models.families import resolve_family
 from glmtune.tokenizers.template_choice import resolve_template_name
 from glmtune.training.data import ResumableDataLoader
+from glmtune.training.distributed import is_deepspeed, load_deepspeed_config
 
 # The reference is the model with its adapter disabled: only methods that add a PEFT adapter have one.
 DPO_METHODS = ("lora", "adalora", "ia3")
 
 
 def check_preference_config(cfg: TaskConfig) -> None:
-    """Refuse the settings `stage: dpo` cannot honour, rather than ignore them."""
-    if cfg.method not in DPO_METHODS:
+    """Refuse the settings `stage: dpo` / `stage: reward` cannot honour, rather than ignore them."""
+    stage = cfg.stage
+    if stage == "dpo" and cfg.method not in DPO_METHODS:
         raise ConfigError(
             f"stage: dpo needs a reference model; with method {cfg.method} there is no adapter to disable for "
             f"it (a frozen copy is not supported yet): use method {', '.join(DPO_METHODS)}"
@@ -43,10 +45,25 @@ def check_preference_config(cfg: TaskConfig) -> None:
     for key, (value, default) in unsupported.items():
         if value != default:
             raise ConfigError(
-                f"{key}={value!r} is not supported with stage: dpo (preference pairs are read by their keys, "
+                f"{key}={value!r} is not supported with stage: {stage} (preference pairs are read by their keys, "
                 f"a too long pair loses prompt tokens first, eval pairs come from data.eval_files); set it "
                 f"to {default!r}"
             )
+    if stage == "reward" and shards_parameters(cfg.train.strategy):
+        # The value head lives beside the model, and only the model's tensors are gathered for saving.
+        raise ConfigError(
+            f"stage: reward does not support train.strategy={cfg.train.strategy} yet (the value head would be "
+            "saved from a shard); use ddp or deepspeed_stage_2"
+        )
+
+
+def shards_parameters(strategy: str) -> bool:
+    """Whether `train.strategy` keeps each process a shard of the weights (FSDP, ZeRO-3)."""
+    if strategy == "fsdp":
+        return True
+    if not is_deepspeed(strategy):
+        return False
+    return load_deepspeed_config(strategy).get("zero_optimization", {}).get("stage") == 3
 
 
 @dataclass

@@ -33,6 +33,7 @@ from glmtune.demo.tiny import ensure_model
 from glmtune.inference.predict import prediction_items
 from glmtune.models.families import resolve_family
 from glmtune.models.loading import load_model
+from glmtune.models.value_head import save_value_head
 from glmtune.tokenizers.template_choice import get_template
 from glmtune.training.bnb import quantize_bnb, require_bitsandbytes
 from glmtune.training.compile import compile_blocks
@@ -56,6 +57,10 @@ from glmtune.training.module import CausalLMModule, check_optimizer, steps_per_e
 from glmtune.training.preference import DPOModule
 from glmtune.training.preference_data import check_preference_config, preference_loaders
 from glmtune.training.registry import HPARAMS_FILE
+from glmtune.training.reward import RewardModule, freeze_unused_output_layer
+
+# The stages trained on preference pairs (glmtune.data.preference) rather than supervised samples.
+PREFERENCE_STAGES = ("dpo", "reward")
 
 
 @dataclass
@@ -99,7 +104,7 @@ def check_half_precision(cfg: TaskConfig) -> None:
 def check_config(cfg: TaskConfig) -> None:
     """Everything that can be refused before records are built and weights loaded."""
     check_method(cfg)
-    if cfg.stage == "dpo":
+    if cfg.stage in PREFERENCE_STAGES:
         check_preference_config(cfg)
     check_optimizer(cfg.train)
     check_half_precision(cfg)
@@ -422,7 +427,8 @@ def train(
     """Train `cfg.method` on `cfg.data` and save the artifact; every data-parallel process runs this."""
     check_config(cfg)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    records, train_loader, eval_loader = preference_loaders(cfg) if cfg.stage == "dpo" else _data(cfg)
+    preference = cfg.stage in PREFERENCE_STAGES
+    records, train_loader, eval_loader = preference_loaders(cfg) if preference else _data(cfg)
     tokenizer = records.tokenizer
     model = load_for_method(cfg)
     scorer = generation_eval(cfg, records)
@@ -466,6 +472,11 @@ def train(
         # The preference loss replaces the supervised one (models.py's loss is the sft stage's).
         dpo_cls = module_cls if issubclass(module_cls, DPOModule) else DPOModule
         module = dpo_cls(model, cfg.train, total_steps, method=cfg.method, dpo=cfg.dpo)
+    elif cfg.stage == "reward":
+        # The head is drawn after seed_everything, so a run starts from the same head every time.
+        freeze_unused_output_layer(model)
+        reward_cls = module_cls if issubclass(module_cls, RewardModule) else RewardModule
+        module = reward_cls(model, cfg.train, total_steps, method=cfg.method)
     else:
         module = module_cls(model, cfg.train, total_steps, method=cfg.method)
     out = Path(cfg.train.output_dir)
@@ -503,6 +514,8 @@ def _save(
     module: CausalLMModule, cfg: TaskConfig, folder: Path, tokenizer: Any, metrics: dict, state=None
 ) -> None:
     save_artifact(module.model, cfg.method, folder, state_dict=state)
+    if isinstance(module, RewardModule):
+        save_value_head(module.value_head, folder)
     tokenizer.save_pretrained(str(folder))
     write_hparams(cfg, folder)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
