@@ -15,7 +15,7 @@ from glmtune.data.build import build_records
 from glmtune.data.report import BuildReport
 from glmtune.data.settings import BuildSettings, SettingsError
 from glmtune.demo.tiny import ensure_model
-from glmtune.models.families import resolve_family
+from glmtune.models.families import chat_family, resolve_family
 from glmtune.models.loading import load_tokenizer
 from glmtune.tokenizers.template_choice import get_template, resolve_template_name
 
@@ -100,7 +100,7 @@ def prepare_records(cfg: TaskConfig, *, force: bool = False, progress: bool = Tr
     settings = build_settings(cfg.data, train_files, eval_files)
     model_path = ensure_model(cfg.model.path, cfg.model.tiny)
     family = resolve_family(resolve_path(cfg.model.path), cfg.model.family)
-    name = resolve_template_name(cfg.data.template, family)
+    name = resolve_template_name(cfg.data.template, chat_family(model_path, family))
     factory = functools.partial(make_template, str(model_path), family, name, cfg.model.trust_remote_code)
     template = factory()
     try:

@@ -14,7 +14,7 @@ import yaml
 from glmtune.config import ConfigError, TaskConfig, resolve_path
 from glmtune.demo.tiny import ensure_model
 from glmtune.inference.engine import ChatEngine
-from glmtune.models.families import model_family
+from glmtune.models.families import chat_family, model_family
 from glmtune.models.loading import load_model, load_tokenizer
 from glmtune.tokenizers.template_choice import get_template, resolve_template_name
 from glmtune.training.bnb import quantize_bnb, require_bitsandbytes
@@ -118,7 +118,7 @@ def _engine(
     requested = cfg.data.template
     if requested == "auto" and run is not None:
         requested = (run.get("data") or {}).get("template", "auto")
-    name = resolve_template_name(requested, family)
+    name = resolve_template_name(requested, chat_family(tokenizer_path, family))
     tokenizer = load_tokenizer(tokenizer_path, family=family, trust_remote_code=cfg.model.trust_remote_code)
     template = get_template(name, tokenizer)
     model.eval()

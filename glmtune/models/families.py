@@ -6,10 +6,15 @@ ChatGLM3 share network and config schema and differ only in the chat format, whi
 not record. GLM-4-9B-Chat publishes the same schema and network (a larger rotary base through `rope_ratio`)
 with a tiktoken vocabulary instead of SentencePiece, which is how its folder is told apart. `save_model` writes a `glmtune_family` key, and `load_model` sets `glmtune_family` on the model
 and its config, so the distinction survives a round trip.
+
+Transformers' own GLM classes (`GlmForCausalLM`, model_type "glm": THUDM/glm-4-9b-chat-hf and glmtune's
+`--merge_format transformers` folders; `Glm4ForCausalLM`, "glm4": GLM-4-0414) are "hf" models: transformers
+loads them. With GLM-4's vocabulary they chat in GLM-4's format all the same, which `chat_family` tells.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -19,11 +24,14 @@ from typing import Any, Literal, get_args
 from torch import nn
 
 from glmtune.models.reading import CheckpointError, read_config
+from glmtune.tokenizers.glm4 import GLM4_CHAT_TOKENS
 
 Family = Literal["chatglm", "chatglm2", "chatglm3", "glm4", "hf"]
 CHATGLM_FAMILIES: tuple[str, ...] = ("chatglm", "chatglm2", "chatglm3", "glm4")
 # GLM-4's vocabulary size; ChatGLM2/3 pad theirs to 65024.
 GLM4_PADDED_VOCAB_SIZE = 151552
+# model_type of transformers' GlmForCausalLM and Glm4ForCausalLM.
+GLM_HF_MODEL_TYPES = ("glm", "glm4")
 
 
 def _schema_family(config: Mapping[str, Any]) -> Literal["chatglm", "chatglm2", "hf"]:
@@ -102,3 +110,45 @@ def model_family(model: nn.Module) -> Family:
     if declared is not None:
         return declared
     return _schema_family(config.to_dict()) if config is not None else "hf"
+
+
+def _added_tokens(folder: Path) -> set[str]:
+    """The added (special) tokens a transformers tokenizer folder lists: tokenizer_config.json's
+    `added_tokens_decoder`, else tokenizer.json's `added_tokens`."""
+    names: set[str] = set()
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        decoder = json.loads(config_file.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+        names = {v.get("content") if isinstance(v, Mapping) else str(v) for v in decoder.values()}
+    tokenizer_file = folder / "tokenizer.json"
+    if not names.issuperset(GLM4_CHAT_TOKENS) and tokenizer_file.is_file():
+        names |= {token.get("content") for token in _tokenizer_json_added_tokens(tokenizer_file)}
+    return names
+
+
+def _tokenizer_json_added_tokens(file: Path) -> list[dict]:
+    """tokenizer.json's `added_tokens` list. The file (20 MB for GLM-4) writes that key before the
+    vocabulary, so only the list is parsed; the whole file where that fails."""
+    text = file.read_text(encoding="utf-8")
+    key = re.search(r'"added_tokens"\s*:\s*', text)
+    if key is not None:
+        try:
+            added, _ = json.JSONDecoder().raw_decode(text, key.end())
+            if isinstance(added, list):
+                return added
+        except json.JSONDecodeError:
+            pass
+    return json.loads(text).get("added_tokens") or []
+
+
+def chat_family(path: str | os.PathLike, family: str) -> str:
+    """The family whose chat format (template, tokenizer) a model folder of `family` is prompted in: `family`
+    itself, but "glm4" for a transformers-native GLM folder (`GLM_HF_MODEL_TYPES`) whose tokenizer has GLM-4's
+    prefix and role tokens, which loads as "hf" and chats as GLM-4. (A ChatGLM2/3 exported as GlmForCausalLM
+    keeps its SentencePiece vocabulary and stays "hf".)"""
+    folder = Path(path)
+    if family != "hf" or not (folder / "config.json").is_file():
+        return family
+    if read_config(folder).get("model_type") not in GLM_HF_MODEL_TYPES:
+        return family
+    return "glm4" if _added_tokens(folder).issuperset(GLM4_CHAT_TOKENS) else family

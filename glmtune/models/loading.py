@@ -23,12 +23,13 @@ from glmtune.config import ConfigError
 from glmtune.models import quantization
 from glmtune.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 from glmtune.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
-from glmtune.models.families import CHATGLM_FAMILIES, Family, detect_family, resolve_family
+from glmtune.models.families import CHATGLM_FAMILIES, Family, chat_family, detect_family, resolve_family
 from glmtune.models.packing import accept_packed_batches
 from glmtune.models.reading import CheckpointError, iter_checkpoint_tensors, load_prefix_state, read_config
 from glmtune.tokenizers.chatglm import ChatGLMTokenizer
 from glmtune.tokenizers.chatglm2 import ChatGLM2Tokenizer, ChatGLM3Tokenizer
 from glmtune.tokenizers.glm4 import GLM4Tokenizer
+from glmtune.tokenizers.glm4_fast import GLM4TokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +298,8 @@ def _allow_remote_code(path: Path, trust_remote_code: bool) -> bool:
 
 
 def load_tokenizer(path: str | os.PathLike, family: str = "auto", trust_remote_code: bool = False):
-    """The family's tokenizer for a ChatGLM folder, else transformers' AutoTokenizer.
+    """The family's tokenizer for a ChatGLM folder, else transformers' AutoTokenizer (for a transformers-native
+    GLM folder with GLM-4's vocabulary, its tokenizer.json as `GLM4TokenizerFast`, which the glm4 templates use).
 
     Tokenizers published without a pad token (LLaMA, Pythia / GPT-NeoX, ...) pad with their eos token (or
     unk): padded positions are masked out of attention and labelled -100, so which id fills them never
@@ -313,6 +315,8 @@ def load_tokenizer(path: str | os.PathLike, family: str = "auto", trust_remote_c
         return ChatGLM3Tokenizer.from_pretrained(str(path))
     if fam == "glm4":
         return GLM4Tokenizer.from_pretrained(str(path))
+    if chat_family(path, fam) == "glm4":
+        return GLM4TokenizerFast.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(
         str(path), trust_remote_code=_allow_remote_code(path, trust_remote_code)
     )

@@ -40,6 +40,8 @@ SPECIAL_TOKENS = (
     "<|begin_of_video|>",
     "<|end_of_video|>",
 )
+# What a GLM-4 chat needs of a tokenizer: its prefix and role tokens (ChatGLM2/3's prefix is `[gMASK] sop`).
+GLM4_CHAT_TOKENS = ("[gMASK]", "<sop>", *(f"<|{role}|>" for role in ROLES))
 # The published pre-tokenizer (cl100k's, with letters and digits of every script).
 PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -68,7 +70,49 @@ def read_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     return ranks
 
 
-class GLM4Tokenizer(GLMSpecialTokens, PythonBackend):
+class GLM4ChatFormat:
+    """GLM-4's chat prompts as ids, for any tokenizer of its vocabulary that matches `<|role|>` in a text as the
+    role token (glmtune's `GLM4Tokenizer`, and the transformers-native one of glm4_fast.py)."""
+
+    @staticmethod
+    def chat_text(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The published `chat_template` for messages without tools: `<|role|>{metadata}\\n{content}` for each
+        message with content (it leaves out empty ones), after `[gMASK]<sop>`; `<|assistant|>` to prompt."""
+        text = "[gMASK]<sop>"
+        for message in messages:
+            if message.get("tools") is not None:
+                raise ValueError(
+                    "messages with tools: render them with apply_chat_template (the published chat_template)"
+                )
+            if message.get("role") not in ROLES:
+                raise ValueError(f"message role must be one of {ROLES}, got {message.get('role')!r}")
+            if message["content"]:
+                text += f"<|{message['role']}|>{message.get('metadata') or ''}\n{message['content']}"
+        return text + ("<|assistant|>" if add_generation_prompt else "")
+
+    def build_chat_ids(
+        self,
+        query: str,
+        history: Sequence[Mapping[str, Any] | Sequence[str]] | None = None,
+        role: str = "user",
+    ) -> list[int]:
+        """The ids of the published chat prompt: `history` (messages or (query, response) pairs), then the
+        query as a `role` message, then `<|assistant|>`."""
+        messages: list[Mapping[str, Any]] = []
+        for item in history or []:
+            if isinstance(item, Mapping):
+                messages.append(item)
+            else:
+                old_query, response = item
+                messages += [
+                    {"role": "user", "content": old_query},
+                    {"role": "assistant", "content": response},
+                ]
+        messages.append({"role": role, "content": query})
+        return self.encode(self.chat_text(messages), add_special_tokens=False)
+
+
+class GLM4Tokenizer(GLMSpecialTokens, GLM4ChatFormat, PythonBackend):
     """GLM-4-9B-Chat tokenizer (a transformers slow tokenizer), ids identical to the published one.
 
     Tokens are written as byte-level strings (GPT-2's byte-to-character map), so the vocabulary has str keys.
@@ -185,45 +229,6 @@ class GLM4Tokenizer(GLMSpecialTokens, PythonBackend):
             else clean_up_tokenization_spaces
         )
         return self.clean_up_tokenization(text) if cleanup else text
-
-    # --- special tokens and prompts ---------------------------------------------------------------------
-
-    @staticmethod
-    def chat_text(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The published `chat_template` for messages without tools: `<|role|>{metadata}\\n{content}` for each
-        message with content (it leaves out empty ones), after `[gMASK]<sop>`; `<|assistant|>` to prompt."""
-        text = "[gMASK]<sop>"
-        for message in messages:
-            if message.get("tools") is not None:
-                raise ValueError(
-                    "messages with tools: render them with apply_chat_template (the published chat_template)"
-                )
-            if message.get("role") not in ROLES:
-                raise ValueError(f"message role must be one of {ROLES}, got {message.get('role')!r}")
-            if message["content"]:
-                text += f"<|{message['role']}|>{message.get('metadata') or ''}\n{message['content']}"
-        return text + ("<|assistant|>" if add_generation_prompt else "")
-
-    def build_chat_ids(
-        self,
-        query: str,
-        history: Sequence[Mapping[str, Any] | Sequence[str]] | None = None,
-        role: str = "user",
-    ) -> list[int]:
-        """The ids of the published chat prompt: `history` (messages or (query, response) pairs), then the
-        query as a `role` message, then `<|assistant|>`."""
-        messages: list[Mapping[str, Any]] = []
-        for item in history or []:
-            if isinstance(item, Mapping):
-                messages.append(item)
-            else:
-                old_query, response = item
-                messages += [
-                    {"role": "user", "content": old_query},
-                    {"role": "assistant", "content": response},
-                ]
-        messages.append({"role": role, "content": query})
-        return self.encode(self.chat_text(messages), add_special_tokens=False)
 
     # --- saving -----------------------------------------------------------------------------------------
 

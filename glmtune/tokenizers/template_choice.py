@@ -59,7 +59,9 @@ FAMILY_TEMPLATES = {"chatglm": "chatglm", "chatglm2": "chatglm2", "chatglm3": "c
 
 
 def resolve_template_name(requested: str, family: str) -> str:
-    """The template `data.template: requested` names for a model of `family` ("auto": the family's own)."""
+    """The template `data.template: requested` names for a model chatting as `family` ("auto": the family's
+    own). `family` is the chat family (glmtune.models.families.chat_family): "glm4" for a transformers-native
+    GLM folder with GLM-4's vocabulary (GlmForCausalLM, Glm4ForCausalLM), which loads as "hf"."""
     if requested == "auto":
         if family not in FAMILY_TEMPLATES:
             raise ConfigError("data.template: choose one (llama2, chatml, alpaca) for a non-ChatGLM model")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from glmtune.config import ConfigError, TaskConfig
-from glmtune.models.families import model_family
+from glmtune.models.families import GLM_HF_MODEL_TYPES, model_family
 from glmtune.models.quantization import QuantizedLinear
 from glmtune.models.saving import save_model
 from glmtune.training.lora_layers import register_lora_layers
@@ -25,6 +25,10 @@ from glmtune.training.registry import METHODS, PEFT_METHODS
 CHATGLM_LINEARS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 # PEFT's own ChatGLM default for IA3: rescale the attention output and the input of the down projection.
 CHATGLM_IA3_TARGETS = ["query_key_value", "dense_4h_to_h"]
+# The same linears in transformers' GlmForCausalLM / Glm4ForCausalLM (PEFT has no default for them):
+# query_key_value split into q/k/v_proj, dense is o_proj, dense_h_to_4h gate_up_proj, dense_4h_to_h down_proj.
+GLM_HF_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+GLM_HF_IA3_TARGETS = ["q_proj", "k_proj", "v_proj", "down_proj"]
 IA3_FEEDFORWARD = ("dense_4h_to_h", "down_proj", "fc2", "c_proj")
 # Parameter-name pieces of the small weights a method adds; they stay fp32 whatever the base dtype.
 ADAPTER_WEIGHT_MARKERS = ("lora_", "ia3_", "prefix_encoder.")
@@ -38,8 +42,22 @@ def block_list(model: nn.Module) -> nn.ModuleList:
     return max(candidates, key=len)
 
 
+def _is_glm_hf(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in GLM_HF_MODEL_TYPES
+
+
 def default_target_modules(model: nn.Module) -> list[str] | str:
-    return CHATGLM_LINEARS if model_family(model) != "hf" else "all-linear"
+    """LoRA / AdaLoRA targets when lora.target_modules is not set: each block's linears."""
+    if model_family(model) != "hf":
+        return CHATGLM_LINEARS
+    return GLM_HF_LINEARS if _is_glm_hf(model) else "all-linear"
+
+
+def default_ia3_targets(model: nn.Module) -> list[str] | str:
+    """IA3 targets when lora.target_modules is not set: PEFT's ChatGLM choice for the GLM networks."""
+    if model_family(model) != "hf":
+        return CHATGLM_IA3_TARGETS
+    return GLM_HF_IA3_TARGETS if _is_glm_hf(model) else "all-linear"
 
 
 def is_int_quantized(model: nn.Module) -> bool:
@@ -191,8 +209,7 @@ def _wrap_peft(model: nn.Module, cfg: TaskConfig, total_steps: int | None) -> nn
             **common,
         )
     else:
-        if cfg.lora.target_modules is None and family != "hf":
-            targets = CHATGLM_IA3_TARGETS
+        targets = cfg.lora.target_modules or default_ia3_targets(model)
         if isinstance(targets, str):
             feedforward = None
         else:
