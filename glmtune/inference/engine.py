@@ -6,7 +6,7 @@ Every front end (terminal chat, batch prediction, HTTP API, web page, Python API
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -142,6 +142,18 @@ class ChatEngine:
         prompts = [self.prompt_ids(q, h, s) for q, h, s in zip(queries, histories, systems, strict=True)]
         return self.complete_prompts(prompts, row_budgets=row_budgets, row_stops=row_stops, **overrides)
 
+    def _row_completion(
+        self, prompt: list[int], new: Sequence[int], budget: int | None, stops: Sequence[str]
+    ) -> tuple[Completion, bool]:
+        """One row's answer from its generated ids so far, and whether it is finished (a stop token, a stop
+        string, or its budget spent)."""
+        kept, ended = self._until_stop_token(new if budget is None else new[:budget])
+        text, cut = cut_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), stops)
+        spent = budget is not None and len(new) >= budget
+        # A row without a stop token ran to max_new_tokens (rows that ended are padded after it).
+        completion = Completion(text.strip(), len(prompt), len(kept), "stop" if ended or cut else "length")
+        return completion, ended or cut or spent
+
     @torch.inference_mode()
     def complete_prompts(
         self,
@@ -149,28 +161,56 @@ class ChatEngine:
         *,
         row_budgets: list[int] | None = None,
         row_stops: list[list[str] | None] | None = None,
+        on_row_done: Callable[[int, Completion], None] | None = None,
         **overrides,
     ) -> list[Completion]:
         """One generate() for all prompts (ids). `row_budgets` and `row_stops` give each row its own
-        max_new_tokens and stop strings (a server batching different requests); generation runs to the
-        largest budget and each row is cut to its own, which for greedy decoding is exactly its solo answer."""
+        max_new_tokens and stop strings (a server batching different requests); each row is cut to its own,
+        which for greedy decoding is exactly its solo answer. Generation ends when every row is finished, and
+        `on_row_done(row, completion)` hears of each row as soon as it is (a server answers it then, not when
+        the whole batch ends)."""
         batch = self._batch(prompts)
         if row_budgets is not None:
             overrides = {**overrides, "max_new_tokens": max(row_budgets)}
         kwargs = self._generate_kwargs(overrides)
-        with self._lock:
-            out = self.model.generate(**batch, **kwargs)
-        new = out[:, batch["input_ids"].shape[1] :].tolist()
         stops = overrides.get("stop") or self.generation.stop
-        completions = []
-        for i, (prompt, row) in enumerate(zip(prompts, new, strict=True)):
-            kept, ended = self._until_stop_token(row if row_budgets is None else row[: row_budgets[i]])
-            row_stop = (row_stops[i] if row_stops is not None else None) or stops
-            text, cut = cut_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), row_stop)
-            # A row without a stop token ran to max_new_tokens (rows that ended are padded after it).
-            completions.append(
-                Completion(text.strip(), len(prompt), len(kept), "stop" if ended or cut else "length")
+        budgets = row_budgets or [kwargs["max_new_tokens"]] * len(prompts)
+        rows_stops = [(row_stops[i] if row_stops else None) or stops for i in range(len(prompts))]
+        width = batch["input_ids"].shape[1]
+        done: dict[int, Completion] = {}
+
+        stop_ids = set(self.template.stop_token_ids)
+
+        def finished_rows(input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
+            length = input_ids.shape[1] - width
+            last = input_ids[:, -1].tolist()
+            for i in range(len(prompts)):
+                # Only a row with stop strings needs its text decoded at every step.
+                if i not in done and (last[i] in stop_ids or length >= budgets[i] or rows_stops[i]):
+                    completion, finished = self._row_completion(
+                        prompts[i], input_ids[i, width:].tolist(), budgets[i], rows_stops[i]
+                    )
+                    if finished:
+                        done[i] = completion
+                        if on_row_done is not None:
+                            on_row_done(i, completion)
+            flags = [i in done for i in range(len(prompts))]
+            return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+        from transformers import StoppingCriteriaList
+
+        with self._lock:
+            out = self.model.generate(
+                **batch, **kwargs, stopping_criteria=StoppingCriteriaList([finished_rows])
             )
+        new = out[:, width:].tolist()
+        completions = []
+        for i, prompt in enumerate(prompts):
+            if i not in done:  # generate() ended first (max_new_tokens)
+                done[i] = self._row_completion(prompt, new[i], budgets[i], rows_stops[i])[0]
+                if on_row_done is not None:
+                    on_row_done(i, done[i])
+            completions.append(done[i])
         return completions
 
     def batch_chat(

@@ -2,8 +2,9 @@
 
 One generate() of 16 rows costs little more than one of a single row on the same hardware, so gathering
 the requests that queue up multiplies throughput. Rows are left-padded; each keeps its own max_tokens and
-stop strings (the batch runs to the largest budget and each row is cut to its own), so a greedy answer is
-exactly its solo answer. Requests whose sampling settings differ cannot share a generate() call, so each
+stop strings and is cut to its own, so a greedy answer is exactly its solo answer. A request is answered as
+soon as its row is finished (its stop token, a stop string, or its budget), not when the whole batch ends;
+the batch ends when every row is finished. Requests whose sampling settings differ cannot share a generate() call, so each
 batch takes the oldest request and those waiting with the same settings.
 """
 
@@ -72,23 +73,37 @@ class Batcher:
         return batch
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         while batch := self._take():
             self.batch_sizes.append(len(batch))
             try:
-                answers = await run_in_threadpool(self._generate, batch)
+                await run_in_threadpool(self._generate, batch, loop)
             except Exception as err:  # every request of the batch gets the failure (a 500, logged there)
                 for item in batch:
-                    if not item.answer.done():
-                        item.answer.set_exception(err)
-                continue
-            for item, answer in zip(batch, answers, strict=True):
-                if not item.answer.done():
-                    item.answer.set_result(answer)
+                    _settle(item.answer, error=err)
 
-    def _generate(self, batch: list[Pending]) -> list[Completion]:
-        return self.engine.complete_prompts(
+    def _generate(self, batch: list[Pending], loop: asyncio.AbstractEventLoop) -> None:
+        """Runs in a worker thread; each request is answered on the loop as soon as its row is finished."""
+
+        def answer(row: int, completion: Completion) -> None:
+            loop.call_soon_threadsafe(_settle, batch[row].answer, completion)
+
+        self.engine.complete_prompts(
             [p.prompt for p in batch],
             row_budgets=[p.budget for p in batch],
             row_stops=[p.stop for p in batch],
+            on_row_done=answer,
             **batch[0].sampling,
         )
+
+
+def _settle(
+    answer: asyncio.Future, completion: Completion | None = None, error: Exception | None = None
+) -> None:
+    """Give a waiting request its answer or error, unless its client has gone (or it has one already)."""
+    if answer.done():
+        return
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(completion)

@@ -73,3 +73,48 @@ def test_a_batch_takes_the_oldest_request_and_those_with_its_settings(engine):
         return [[chr(p.prompt[0]) for p in batcher._take()] for _ in range(4)]
 
     assert asyncio.run(take()) == [["a", "d"], ["b"], [], []]
+
+
+class ForwardCounter:
+    """Counts the model's forward passes (one per generated token)."""
+
+    def __init__(self, model) -> None:
+        self.calls = 0
+        self.handle = model.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output) -> None:
+        self.calls += 1
+
+
+def test_each_row_is_answered_when_it_finishes_not_when_the_batch_ends(engine):
+    prompts = [engine.prompt_ids("你好"), engine.prompt_ids("讲个故事")]
+    solo = [engine.complete_prompts([p], max_new_tokens=n)[0] for p, n in zip(prompts, (2, 12), strict=True)]
+    assert [c.completion_tokens for c in solo] == [2, 12], "the test needs answers that run to their budgets"
+    counter = ForwardCounter(engine.model)
+    heard: list[tuple[int, int]] = []
+    try:
+        answers = engine.complete_prompts(
+            prompts, row_budgets=[2, 12], on_row_done=lambda row, c: heard.append((row, counter.calls))
+        )
+    finally:
+        counter.handle.remove()
+    assert answers == solo
+    # the short row is answered after its 2 tokens, while the long one still has 10 to go
+    assert heard == [(0, 2), (1, 12)]
+
+
+def test_the_batch_ends_once_every_row_has_met_its_stop_string(engine):
+    queries = ["你好", "讲个故事"]
+    full = [engine.complete(q, max_new_tokens=40) for q in queries]
+    assert all(c.completion_tokens == 40 and len(c.text) > 6 for c in full), "needs long answers"
+    stops = [[c.text[3:5]] for c in full]  # text that comes early in each answer
+    counter = ForwardCounter(engine.model)
+    try:
+        answers = engine.batch_complete(queries, row_budgets=[40, 40], row_stops=stops)
+    finally:
+        counter.handle.remove()
+    assert [a.text for a in answers] == [
+        c.text[: c.text.index(s[0])].strip() for c, s in zip(full, stops, strict=True)
+    ]
+    assert all(a.finish_reason == "stop" for a in answers)
+    assert counter.calls < 40, "generation ran on after every row had stopped"
