@@ -10,11 +10,31 @@ from glmtune.config import ConfigError, resolve_path
 from glmtune.data.readers import iter_dialogues
 from glmtune.inference import metrics
 from glmtune.inference.engine import ChatEngine
+from glmtune.tokenizers.tool_prompts import answer_text, offered_tool_names
+
+
+def tool_items(messages: list[dict], source: str) -> Iterable[dict]:
+    """Each supervised assistant message of a tool-call dialogue (a text answer or a call, written as the
+    model writes it: the tool's name line, then the arguments), with the messages before it."""
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant" or message.get("loss", True) is False:
+            continue
+        metadata = message.get("metadata")
+        yield {
+            "query": next(m["content"] for m in reversed(messages[:k]) if m["role"] != "assistant"),
+            "messages": messages[:k],
+            "reference": f"{metadata}\n{message['content']}" if metadata else message["content"],
+            "source": source,
+        }
 
 
 def prediction_items(file: str | Path, fmt: str = "auto") -> Iterable[dict]:
-    """Each turn of each dialogue as (query, history, system, reference)."""
+    """Each turn of each dialogue as (query, history, system, reference); a tool-call dialogue's answers as
+    (messages, reference)."""
     for dialogue in iter_dialogues(file, format=fmt):
+        if "messages" in dialogue.meta:
+            yield from tool_items(dialogue.meta["messages"], dialogue.source)
+            continue
         for i, (query, answer) in enumerate(dialogue.turns):
             yield {
                 "query": query,
@@ -53,6 +73,20 @@ def check_predict_paths(file: str | Path, out: str | Path | None = None) -> None
         raise ConfigError(f"--out {out}: a folder; name the file to write the predictions (JSON lines) to")
 
 
+def history_lists(result: dict) -> dict:
+    """The history as JSON lists ([query, answer]), where the item has one."""
+    return {"history": [list(h) for h in result["history"]]} if "history" in result else {}
+
+
+def item_prompt(engine: ChatEngine, item: dict, file: str | Path) -> list[int]:
+    if "messages" not in item:
+        return engine.prompt_ids(item["query"], item["history"], item["system"])
+    try:
+        return engine.messages_prompt_ids(item["messages"])
+    except ValueError as err:  # a template without tool calls, GLM-4 given ChatGLM3-style tools, ...
+        raise ConfigError(f"--predict {file}: {item['source']}: {err}") from err
+
+
 def predict(
     engine: ChatEngine,
     file: str | Path,
@@ -77,11 +111,14 @@ def predict(
     results = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        completions = engine.batch_complete(
-            [c["query"] for c in chunk], [c["history"] for c in chunk], [c["system"] for c in chunk]
-        )
+        completions = engine.complete_prompts([item_prompt(engine, item, file) for item in chunk])
         for item, completion in zip(chunk, completions, strict=True):
-            results.append({**item, "prediction": completion.text})
+            prediction = completion.text
+            if "messages" in item:  # a call is compared as a call, whatever its spacing
+                names = offered_tool_names(item["messages"])
+                prediction = answer_text(engine.tokenizer, prediction, names)
+                item = {**item, "reference": answer_text(engine.tokenizer, item["reference"], names)}
+            results.append({**item, "prediction": prediction})
             if show:
                 print(
                     f"Q: {item['query']}\n   expected: {item['reference']}\n   model:    {completion.text}",
@@ -94,9 +131,7 @@ def predict(
         tmp = out.with_suffix(out.suffix + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for r in results:
-                f.write(
-                    json.dumps({**r, "history": [list(h) for h in r["history"]]}, ensure_ascii=False) + "\n"
-                )
+                f.write(json.dumps({**r, **history_lists(r)}, ensure_ascii=False) + "\n")
         tmp.replace(out)
         metrics_file = out.with_suffix(".metrics.json")
         metrics_file.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -92,6 +92,27 @@ def parse_tool_call(
     return (name, arguments) if isinstance(arguments, dict) else None
 
 
+def offered_tool_names(messages: Sequence[Message]) -> list[str]:
+    """The names of the tools the system messages offer (ChatGLM3's functions or GLM-4's typed tools)."""
+    names = []
+    for message in messages:
+        for tool in message.get("tools") or [] if message.get("role") == "system" else []:
+            function = tool.get("function", tool) if isinstance(tool, Mapping) else {}
+            if isinstance(function, Mapping) and isinstance(function.get("name"), str):
+                names.append(function["name"])
+    return names
+
+
+def answer_text(tokenizer: PreTrainedTokenizerBase, answer: str, tool_names: Sequence[str]) -> str:
+    """An answer in one spelling, to compare answers: a call as `tool_call_message` writes it (name line,
+    then the arguments), text stripped."""
+    call = parse_tool_call(tokenizer, answer, tool_names)
+    if call is None:
+        return answer.strip()
+    message = tool_call_message(tokenizer, *call)
+    return f"{message['metadata']}\n{message['content']}"
+
+
 def message_ids(tokenizer: PreTrainedTokenizerBase, message: Message) -> list[int]:
     """One message's ids in the tokenizer's family's chat format (no `[gMASK] sop`)."""
     if is_chatglm3(tokenizer):

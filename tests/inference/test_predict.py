@@ -158,10 +158,59 @@ def test_predict_asks_with_the_history_and_system_of_each_turn(tmp_path):
     asked = []
 
     class Recorder:
-        def batch_complete(self, queries, histories, systems):
-            asked.extend(zip(queries, histories, systems, strict=True))
-            return [Completion("", 1, 0, "stop") for _ in queries]
+        def prompt_ids(self, query, history, system):
+            asked.append((query, history, system))
+            return [len(asked)]
+
+        def complete_prompts(self, prompts):
+            assert prompts == [[n] for n in range(len(asked) - len(prompts) + 1, len(asked) + 1)]
+            return [Completion("", 1, 0, "stop") for _ in prompts]
 
     predict(Recorder(), file, batch_size=2, show=False)
     expected = [(i["query"], i["history"], i["system"]) for i in prediction_items(file)]
     assert asked == expected and any(h for _, h, _ in asked) and any(s for _, _, s in asked)
+
+
+@pytest.mark.parametrize(("folder", "tokenizer_class", "data"), [
+    ("chatglm3-6b-tiny", "ChatGLM3Tokenizer", "tools_chatglm3.jsonl"),
+    ("glm-4-9b-chat-tiny", "GLM4Tokenizer", "tools_glm4.jsonl"),
+])  # fmt: skip
+def test_predict_on_tool_call_data_asks_with_the_tools_and_compares_calls(
+    reference_dir, tmp_path, folder, tokenizer_class, data
+):
+    """Each assistant message of a tool dialogue (text or call) is asked with the messages before it, tools
+    included, and a call is compared as a call. The stand-in model answers as the data says, except for the
+    first call, whose arguments it gets wrong."""
+    import glmtune.tokenizers as tokenizers
+    from glmtune.inference.engine import ChatEngine
+    from glmtune.inference.predict import prediction_items
+    from glmtune.tokenizers.template_choice import get_template
+    from glmtune.tokenizers.tool_prompts import (
+        message_ids,
+        offered_tool_names,
+        parse_tool_call,
+        tool_call_message,
+    )
+    from tests.scripted_model import ScriptedModel
+
+    tokenizer = getattr(tokenizers, tokenizer_class).from_pretrained(str(reference_dir / folder))
+    template = get_template("chatglm3" if "chatglm3" in folder else "glm4", tokenizer)
+    file = REPO / "data" / "samples" / data
+    items = list(prediction_items(file))
+    answers = []
+    for item in items:
+        call = parse_tool_call(tokenizer, item["reference"], offered_tool_names(item["messages"]))
+        if call is None:
+            answers.append({"role": "assistant", "content": item["reference"]})
+        else:
+            wrong = not any("metadata" in a for a in answers)  # the first call gets other arguments
+            answers.append(tool_call_message(tokenizer, call[0], {"x": 1} if wrong else call[1]))
+    assert sum("metadata" in a for a in answers) >= 2, "the data needs calls to compare"
+    end = tokenizer.convert_tokens_to_ids("<|user|>")
+    model = ScriptedModel([message_ids(tokenizer, m)[1:] + [end] for m in answers])
+    summary = predict(ChatEngine(model, tokenizer, template), file, out=tmp_path / "p.jsonl", show=False)
+    assert model.prompts == [template.build_messages_prompt(i["messages"]).input_ids for i in items]
+    assert summary["samples"] == len(items)
+    assert summary["exact_match_count"] == len(items) - 1
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["prediction"] == r["reference"] for r in rows].count(False) == 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi", reason="serving needs the 'serve' extras (pip install -e '.[serve]')")
@@ -24,6 +23,7 @@ from glmtune.serving.api import create_app  # noqa: E402
 from glmtune.tokenizers.chatglm2 import ChatGLM3Tokenizer  # noqa: E402
 from glmtune.tokenizers.glm4 import GLM4Tokenizer  # noqa: E402
 from glmtune.tokenizers.template_choice import get_template  # noqa: E402
+from tests.scripted_model import ScriptedModel  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 WEATHER = {
@@ -34,28 +34,6 @@ WEATHER = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
-
-
-class ScriptedModel(torch.nn.Module):
-    """Answers each generate() with the next scripted ids; keeps the prompts it got."""
-
-    def __init__(self, answers: list[list[int]]) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))  # the engine asks the parameters for the device
-        self.config = type("Config", (), {"seq_length": 4096})()
-        self.answers = list(answers)
-        self.prompts: list[list[int]] = []
-
-    def generate(self, input_ids, attention_mask, max_new_tokens, streamer=None, **kwargs):
-        assert input_ids.shape[0] == 1, "one request at a time in these tests"
-        self.prompts.append(input_ids[0][attention_mask[0].bool()].tolist())
-        new = torch.tensor([self.answers.pop(0)[:max_new_tokens]])
-        if streamer is not None:
-            streamer.put(input_ids)
-            for token in new[0]:
-                streamer.put(token.view(1, 1))
-            streamer.end()
-        return torch.cat([input_ids, new], dim=1)
 
 
 def serve(tokenizer, template: str, answers: list[list[int]]) -> tuple[openai.OpenAI, ScriptedModel]:
