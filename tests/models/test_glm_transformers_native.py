@@ -178,3 +178,17 @@ def test_native_glm_through_the_scripts(folders, tmp_path, kind) -> None:
     assert "template: auto" in (final / "hyperparameters.yaml").read_text()
     answers = run_script("infer_lora_finetuning.py", *flags, "--predict", "data/dev.json", "--limit", "2")
     assert answers.strip().splitlines()[-1].startswith("exact match: ")
+
+    # Merged, it is the same kind of folder: transformers' class, a plain fast tokenizer that keeps the prefix.
+    from transformers import AutoTokenizer
+
+    merged = tmp_path / "merged"
+    run_script("infer_lora_finetuning.py", *flags, "--merge", str(merged))
+    assert json.loads((merged / "config.json").read_text())["architectures"] == [KINDS[kind]]
+    assert (
+        json.loads((merged / "tokenizer_config.json").read_text())["tokenizer_class"]
+        == "PreTrainedTokenizerFast"
+    )
+    plain = AutoTokenizer.from_pretrained(merged)
+    assert plain.encode("你好") == load_tokenizer(folders[kind]).encode("你好")
+    assert chat_family(merged, detect_family(merged)) == "glm4"
