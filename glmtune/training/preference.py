@@ -2,8 +2,10 @@
 
 A batch holds 2B sequences, the B prompts followed by their chosen answers and then the same prompts followed
 by their rejected answers (`glmtune.data.preference.PairCollator`), so the policy scores both in one forward.
-A sequence's log-probability is the sum of its answer tokens' log-probabilities. The reference is the model
-with its adapter disabled (PEFT's `disable_adapter`): the base weights, without a second copy in memory.
+A sequence's log-probability is the sum of its answer tokens' log-probabilities. The reference model costs no
+second copy where the method allows: a PEFT adapter (LoRA, AdaLoRA, IA3) is disabled (`disable_adapter`), a
+P-Tuning v2 prefix is switched off; `full` and `freeze` change the weights themselves, so they keep a frozen
+copy of the model as it was before training.
 
 DPO (Rafailov et al. 2023), with the margin h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)):
 sigmoid loss -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h) (eps: label smoothing, conservative
@@ -13,6 +15,9 @@ The implicit rewards are beta (log pi(y) - log pi_ref(y)).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,8 +76,32 @@ def dpo_loss(
     return PreferenceTerms(losses, args.beta * chosen.detach(), args.beta * rejected.detach())
 
 
+@contextmanager
+def prefix_disabled(model: nn.Module) -> Iterator[None]:
+    """`model` without its P-Tuning v2 prefix (glmtune's ChatGLM models read `pre_seq_len` at each forward)."""
+    owners = [m for m in model.modules() if hasattr(m, "prefix_encoder") and m.pre_seq_len is not None]
+    if not owners:
+        raise ValueError("the model has no P-Tuning v2 prefix to switch off")
+    lengths = [m.pre_seq_len for m in owners]
+    try:
+        for m in owners:
+            m.pre_seq_len = None
+        yield
+    finally:
+        for m, length in zip(owners, lengths, strict=True):
+            m.pre_seq_len = length
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The reference for methods that train the model's own weights: a copy that never changes."""
+    reference = copy.deepcopy(model)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
 class DPOModule(CausalLMModule):
-    """Trains the adapter of `model` with the DPO loss; the reference is `model` with its adapter disabled."""
+    """Trains `model` with the DPO loss against a reference: `reference_model` (a frozen copy) if given, else
+    `model` with its adapter disabled (PEFT) or its prefix switched off (`method: ptv2`)."""
 
     stage = "dpo"
 
@@ -83,21 +112,43 @@ class DPOModule(CausalLMModule):
         total_steps: int,
         method: str = "lora",
         dpo: DpoArgs | None = None,
+        reference_model: nn.Module | None = None,
     ):
         super().__init__(model, train_args, total_steps, method=method)
         self.dpo = dpo or DpoArgs()
+        # Not a submodule: it is neither trained nor saved in checkpoints; on_fit_start moves it to the device.
+        object.__setattr__(self, "reference_model", reference_model)
 
-    def _answer_log_probs(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        total, count = sequence_log_probs(hidden_states, self.model.get_output_embeddings(), labels)
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.reference_model is not None:
+            dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+            # a *-true precision has cast the policy by now: the reference computes as it does
+            self.reference_model.to(device=self.device, dtype=dtype)
+
+    def _reference(self) -> tuple[nn.Module, Any]:
+        """The reference model and the context it runs in."""
+        if self.reference_model is not None:
+            return self.reference_model, nullcontext()
+        if self.method == "ptv2":
+            return self.model, prefix_disabled(self.model)
+        return self.model, self.model.disable_adapter()
+
+    def _answer_log_probs(
+        self, hidden_states: torch.Tensor, labels: torch.Tensor, model: nn.Module | None = None
+    ) -> torch.Tensor:
+        head = (model or self.model).get_output_embeddings()
+        total, count = sequence_log_probs(hidden_states, head, labels)
         # IPO compares log-probabilities averaged over the answer's tokens, DPO their sums.
         return total / count.clamp(min=1) if self.dpo.loss == "ipo" else total
 
     def reference_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The answers' log-probabilities under the model with its adapter disabled (the base weights)."""
+        """The answers' log-probabilities under the reference model."""
         inputs = {key: value for key, value in batch.items() if key != "labels"}
-        with torch.no_grad(), self.model.disable_adapter():
-            outputs = self.model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-            return self._answer_log_probs(outputs.hidden_states[-1], batch["labels"])
+        model, context = self._reference()
+        with torch.no_grad(), context:
+            outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            return self._answer_log_probs(outputs.hidden_states[-1], batch["labels"], model)
 
     def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
         policy = self._answer_log_probs(outputs.hidden_states[-1], batch["labels"])

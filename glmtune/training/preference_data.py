@@ -18,17 +18,16 @@ from glmtune.tokenizers.template_choice import resolve_template_name
 from glmtune.training.data import ResumableDataLoader
 from glmtune.training.distributed import is_deepspeed, load_deepspeed_config
 
-# The reference is the model with its adapter disabled: only methods that add a PEFT adapter have one.
-DPO_METHODS = ("lora", "adalora", "ia3")
-
 
 def check_preference_config(cfg: TaskConfig) -> None:
     """Refuse the settings `stage: dpo` / `stage: reward` cannot honour, rather than ignore them."""
     stage = cfg.stage
-    if stage == "dpo" and cfg.method not in DPO_METHODS:
+    if stage == "dpo" and cfg.method in ("full", "freeze") and shards_parameters(cfg.train.strategy):
+        # Its reference is a frozen copy of the whole model, which this strategy would not shard.
         raise ConfigError(
-            f"stage: dpo needs a reference model; with method {cfg.method} there is no adapter to disable for "
-            f"it (a frozen copy is not supported yet): use method {', '.join(DPO_METHODS)}"
+            f"stage: dpo with method {cfg.method} keeps a frozen copy of the model as its reference, which "
+            f"train.strategy={cfg.train.strategy} would not shard: use ddp or deepspeed_stage_2, or an adapter "
+            "method (lora, adalora, ia3, ptv2), whose reference is the model with the adapter off"
         )
     d = cfg.data
     unsupported = {

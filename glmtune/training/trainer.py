@@ -54,7 +54,7 @@ from glmtune.training.methods import (
     save_artifact,
 )
 from glmtune.training.module import CausalLMModule, check_optimizer, steps_per_epoch
-from glmtune.training.preference import DPOModule
+from glmtune.training.preference import DPOModule, frozen_copy
 from glmtune.training.preference_data import check_preference_config, preference_loaders
 from glmtune.training.registry import HPARAMS_FILE
 from glmtune.training.reward import RewardModule, freeze_unused_output_layer
@@ -451,6 +451,8 @@ def train(
         if cfg.train.checkpoint_layers is not None:
             set_checkpoint_layers(model, cfg.train.checkpoint_layers)
     model = apply_method(model, cfg, total_steps)
+    if cfg.stage == "reward":
+        freeze_unused_output_layer(model)  # a reward reads the hidden states, never the logits
     if cfg.train.strategy == "fsdp":
         # FSDP flattens each wrapped block into buffers of one dtype: all fp32 under mixed precision (FSDP
         # casts to half for compute), and Lightning casts everything to half for a *-true precision.
@@ -471,10 +473,13 @@ def train(
     if cfg.stage == "dpo":
         # The preference loss replaces the supervised one (models.py's loss is the sft stage's).
         dpo_cls = module_cls if issubclass(module_cls, DPOModule) else DPOModule
-        module = dpo_cls(model, cfg.train, total_steps, method=cfg.method, dpo=cfg.dpo)
+        # full and freeze train the weights themselves: their reference is a copy taken before training.
+        reference = frozen_copy(model) if cfg.method in ("full", "freeze") else None
+        module = dpo_cls(
+            model, cfg.train, total_steps, method=cfg.method, dpo=cfg.dpo, reference_model=reference
+        )
     elif cfg.stage == "reward":
         # The head is drawn after seed_everything, so a run starts from the same head every time.
-        freeze_unused_output_layer(model)
         reward_cls = module_cls if issubclass(module_cls, RewardModule) else RewardModule
         module = reward_cls(model, cfg.train, total_steps, method=cfg.method)
     else:

@@ -96,7 +96,7 @@ def test_reference_log_probs_are_the_base_models(tiny_chatglm2, tiny_data, tmp_p
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"method": "full"}, "stage: dpo needs a reference model"),
+        ({"method": "full", "train.strategy": "fsdp"}, "keeps a frozen copy of the model"),
         ({"data.packing": True}, "data.packing=True is not supported with stage: dpo"),
         ({"data.strategy": "slide"}, "data.strategy='slide'"),
     ],
