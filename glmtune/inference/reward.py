@@ -64,7 +64,6 @@ class RewardScorer:
         """The reward of `answer` to `prompt` (after the `history` turns, under an optional system prompt)."""
         return self.score_pairs([prompt], [answer], [history], [system])[0]
 
-    @torch.inference_mode()
     def score_pairs(
         self,
         prompts: Sequence[str],
@@ -82,13 +81,25 @@ class RewardScorer:
                 f"score_pairs: {rows} prompts, {len(answers)} answers, {len(histories)} histories and "
                 f"{len(systems)} systems: one of each per row"
             )
-        ids = [self.encode(*row) for row in zip(prompts, answers, histories, systems, strict=True)]
+        return self.score_ids(
+            [self.encode(*row) for row in zip(prompts, answers, histories, systems, strict=True)]
+        )
+
+    def encode_pair(self, pair: PreferencePair) -> tuple[list[int], list[int]]:
+        """A preference pair's two sequences as training built them: a prompt too long for both answers is
+        shortened once, for the longer one (so `--predict` on the eval pairs gives the run's eval rewards)."""
+        prompt_ids, chosen, rejected = fit_pair(*pair_sample(pair, self.template), self.lengths)
+        return prompt_ids + chosen, prompt_ids + rejected
+
+    @torch.inference_mode()
+    def score_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None) -> list[float]:
+        """The reward of each token sequence (a rendered prompt and answer), `batch_size` (default: the
+        scorer's) per forward."""
+        rows, batch_size = len(ids), batch_size or self.batch_size
         collate = Collator(pad_token_id=self.tokenizer.pad_token_id)
         rewards: list[float] = []
-        for start in range(0, rows, self.batch_size):
-            batch = collate(
-                [{"input_ids": torch.tensor(row)} for row in ids[start : start + self.batch_size]]
-            )
+        for start in range(0, rows, batch_size):
+            batch = collate([{"input_ids": torch.tensor(row)} for row in ids[start : start + batch_size]])
             out = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
             rewards += out.tolist()
         return rewards
@@ -154,15 +165,11 @@ def predict_pairs(
     pairs = list(iter_pairs(resolve_path(file)))[:limit]
     if not pairs:
         raise ConfigError(f"--predict {file}: no preference pairs to score")
-    scorer.batch_size = 2 * batch_size  # a pair is two rows
     rows = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        contexts = [(p.query, p.history, p.system) for p in chunk]
-        prompts, histories, systems = (list(c) for c in zip(*contexts, strict=True))
-        rewards = scorer.score_pairs(
-            prompts * 2, [p.chosen for p in chunk] + [p.rejected for p in chunk], histories * 2, systems * 2
-        )
+        encoded = [scorer.encode_pair(pair) for pair in chunk]
+        rewards = scorer.score_ids([c for c, _ in encoded] + [r for _, r in encoded], 2 * batch_size)
         for i, pair in enumerate(chunk):
             chosen, rejected = rewards[i], rewards[len(chunk) + i]
             rows.append(

@@ -80,6 +80,6 @@ class RewardModule(CausalLMModule):
     def configure_optimizers(self) -> dict[str, Any]:
         # The model's trained weights and the head (CausalLMModule's optimizer sees the model's only).
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        optimizer = build_optimizer(named, self.args, offload=deepspeed_offloads_optimizer(self.trainer))
+        optimizer = build_optimizer(named, self.args, offload=deepspeed_offloads_optimizer(self._trainer))
         scheduler = build_scheduler(optimizer, self.args, self.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
