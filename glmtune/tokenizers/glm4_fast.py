@@ -8,12 +8,17 @@ tokenizer, as `GLM4Tokenizer` has it: `get_command`, the `[gMASK] <sop>` prefix 
 `[gMASK] <sop>` in front, as the published GLM-4 tokenizer's does: a `tokenizer.json` without that
 post-processor gets it on load. Saved, it is a plain fast tokenizer again (no glmtune class named), so the
 folder stays one that transformers opens alone.
+
+GLM-4-9B-Chat's chat_template renders the tools a system message carries; GLM-4-0414's takes them as
+`apply_chat_template(tools=...)` and ignores a message's. Tools on a message that the folder's template would
+drop from the prompt are refused rather than silently left out.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +61,26 @@ class GLM4TokenizerFast(GLMSpecialTokens, GLM4ChatFormat, PreTrainedTokenizerFas
         if token not in commands:
             raise KeyError(f"{token} is not a special token of {self.name_or_path}")
         return commands[token]
+
+    def apply_chat_template(self, conversation: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' apply_chat_template; ValueError for tools on a message the chat_template ignores."""
+        messages = conversation if conversation and isinstance(conversation[0], Mapping) else []
+        if any(m.get("tools") for m in messages) and not args and not kwargs.get("tools"):
+            chat_template = kwargs.get("chat_template")
+            without = [{k: v for k, v in m.items() if k != "tools"} for m in messages]
+            rendered = [
+                super(GLM4TokenizerFast, self).apply_chat_template(
+                    m, chat_template=chat_template, tokenize=False
+                )
+                for m in (messages, without)
+            ]
+            if rendered[0] == rendered[1]:
+                raise ValueError(
+                    f"{self.name_or_path}: its chat_template does not render the tools of a message (GLM-4-0414's "
+                    "takes them as apply_chat_template(tools=...)): tool-call messages need GLM-4-9B-Chat's "
+                    "chat_template"
+                )
+        return super().apply_chat_template(conversation, *args, **kwargs)
 
     def _keep_prefix(self) -> None:
         """Make `encode` put `[gMASK] <sop>` before the text (a GLM-4 model reads every text after them)."""

@@ -4,7 +4,8 @@ glmtune's `--merge_format transformers`) and `Glm4ForCausalLM` ("glm4", GLM-4-04
 LoRA on their own linears' names.
 
 The "glm" folder is glm-4-9b-chat-tiny exported by glmtune (same weights, so its answers must be the GLM-4
-model's); the "glm4" folder has random Glm4ForCausalLM weights of the same shapes and the same tokenizer files.
+model's); the "glm4" folder has random Glm4ForCausalLM weights of the same shapes, the same tokenizer.json and
+GLM-4-0414's chat_template (system messages first, tools as the template's `tools`, not a message's).
 """
 
 from __future__ import annotations
@@ -31,6 +32,21 @@ from tests.models.test_glm4 import EOS, FOLDER, run_script
 
 KINDS = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+# GLM-4-0414's chat_template (THUDM/GLM-4-9B-0414's tokenizer_config.json), written out from the published
+# one (this machine has no copy of that file to check it against).
+GLM4_0414_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{%- if tools -%}<|system|>\n# 可用工具\n{% for tool in tools %}"
+    '{%- set function = tool.function if tool.get("function") else tool %}\n\n## {{ function.name }}\n\n'
+    "{{ function | tojson(indent=4, ensure_ascii=False) }}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+    "{%- endfor %}{%- endif -%}{%- for msg in messages %}{%- if msg.role == 'system' %}<|system|>\n"
+    "{{ msg.content }}{%- endif %}{%- endfor %}{%- for message in messages if message.role != 'system' %}"
+    "{%- set role = message['role'] %}{%- set content = message['content'] %}"
+    '{%- set meta = message.get("metadata", "") %}{%- if role == \'user\' %}<|user|>\n{{ content }}'
+    "{%- elif role == 'assistant' and not meta %}<|assistant|>\n{{ content }}"
+    "{%- elif role == 'assistant' and meta %}<|assistant|>{{ meta }} \n{{ content }}"
+    "{%- elif role == 'observation' %}<|observation|>\n{{ content }}{%- endif %}{%- endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 CHATS = [
     ("你好", [], None),
     ("Hello,  world!\n  What's 1 + 1?", [("山间茶舍几点开门？", "早上八点。")], None),
@@ -49,6 +65,7 @@ def folders(reference_dir, tmp_path_factory) -> dict[str, Path]:
     glm4.mkdir()
     for name in TOKENIZER_FILES:
         shutil.copy(glm / name, glm4 / name)
+    (glm4 / "chat_template.jinja").write_text(GLM4_0414_CHAT_TEMPLATE, encoding="utf-8")
     settings = json.loads((glm / "config.json").read_text())
     for key in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype"):
         settings.pop(key, None)
@@ -124,9 +141,14 @@ def test_chat_prompts_and_samples_are_the_published_ones(folders, reference_dir,
         {"role": "observation", "content": '{"weather": "晴"}'},
         {"role": "assistant", "content": "晴天。"},
     ]
-    assert build_messages_sample(template.tokenizer, dialogue) == build_messages_sample(
-        published.tokenizer, dialogue
-    )
+    if (
+        kind == "glm"
+    ):  # GLM-4-9B-Chat's chat_template: tools on the system message, as glmtune's data has them
+        expected = build_messages_sample(published.tokenizer, dialogue)
+        assert build_messages_sample(template.tokenizer, dialogue) == expected
+    else:  # GLM-4-0414's ignores a message's tools: refused, never a prompt without the tools
+        with pytest.raises(ValueError, match="does not render the tools of a message"):
+            build_messages_sample(template.tokenizer, dialogue)
 
 
 def test_the_exported_glm4_answers_as_glm4_does(folders, reference_dir) -> None:
