@@ -64,6 +64,7 @@ def main(spec_file: str) -> None:
     cfg = make_cfg(Path(spec["model"]), data, Path(spec["output_dir"]), spec["method"], **spec["train"])
     if "records" in spec:
         cfg.data.output_dir = spec["records"]
+    cfg.stage = spec.get("stage", "sft")
     InfOnOneRank.inf_at = tuple(spec.get("inf_at", (-1, -1)))
     train(cfg, module_cls=InfOnOneRank, callbacks=[FinalWeights()], enable_progress_bar=False)
 

@@ -101,6 +101,32 @@ def test_ddp_two_processes_end_with_identical_weights(method, tiny_chatglm2, tin
 
 
 @pytest.mark.slow
+def test_ddp_dpo_with_a_frozen_reference_copy_ends_with_identical_weights(tiny_chatglm2, tmp_path):
+    """stage: dpo, method freeze under DDP: the reference copy sits beside the wrapped module on each rank."""
+    pairs = {
+        "train": REPO_ROOT / "data" / "samples" / "preference_train.jsonl",
+        "dev": REPO_ROOT / "data" / "samples" / "preference_dev.jsonl",
+    }
+    spec = write_spec(tmp_path, tiny_chatglm2, pairs, "freeze", strategy="ddp", devices=2)
+    content = json.loads(spec.read_text())
+    content["stage"] = "dpo"
+    spec.write_text(json.dumps(content))
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    done = subprocess.run(
+        [sys.executable, str(WORKER), str(spec)],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_weights_on_ranks(tmp_path / "run", 2)
+    metrics = json.loads((tmp_path / "run" / "final" / "metrics.json").read_text())
+    assert "train_reward_accuracy" in metrics
+
+
+@pytest.mark.slow
 def test_two_machines_on_localhost_end_with_identical_weights(tiny_chatglm2, tiny_data, tmp_path):
     """The manual multi-node launch: the same command on every machine, NODE_RANK telling them apart."""
     spec = write_spec(tmp_path, tiny_chatglm2, tiny_data, "lora", strategy="ddp", devices=1, num_nodes=2)
