@@ -51,6 +51,7 @@ setup(
             "jieba>=0.42",
             "deepspeed>=0.15",
             "datasets>=3.0",
+            "trl>=1.0",  # tests/training/test_dpo_trl.py checks the DPO loss against TRL's (tests only)
         ],
     },
 )
