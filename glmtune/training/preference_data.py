@@ -13,7 +13,7 @@ from glmtune.data.dataset import RecordDataset
 from glmtune.data.preference import PairCollator, PairRecords, build_pair_records
 from glmtune.data.prepare import build_settings, make_template, tokenizer_fingerprint
 from glmtune.demo.tiny import ensure_model
-from glmtune.models.families import resolve_family
+from glmtune.models.families import chat_family, resolve_family
 from glmtune.tokenizers.template_choice import resolve_template_name
 from glmtune.training.data import ResumableDataLoader
 from glmtune.training.distributed import is_deepspeed, load_deepspeed_config
@@ -39,8 +39,9 @@ def check_preference_config(cfg: TaskConfig) -> None:
         "data.on_error": (d.on_error, "raise"),
         "data.num_workers": (d.num_workers, 1),
         "data.ensure_answer_min_length": (d.ensure_answer_min_length, None),
-        "train.eval_generate": (cfg.train.eval_generate, 0),
     }
+    if stage == "reward":  # a reward model scores answers, it does not write them
+        unsupported["train.eval_generate"] = (cfg.train.eval_generate, 0)
     for key, (value, default) in unsupported.items():
         if value != default:
             raise ConfigError(
@@ -80,7 +81,7 @@ def prepare_pairs(cfg: TaskConfig) -> PreparedPairs:
     settings = build_settings(cfg.data, train_files, eval_files)
     model_path = ensure_model(cfg.model.path, cfg.model.tiny)
     family = resolve_family(resolve_path(cfg.model.path), cfg.model.family)
-    name = resolve_template_name(cfg.data.template, family)
+    name = resolve_template_name(cfg.data.template, chat_family(model_path, family))
     template = make_template(str(model_path), family, name, cfg.model.trust_remote_code)
     records = build_pair_records(settings, template, f"{name}:{tokenizer_fingerprint(model_path)}")
     return PreparedPairs(template.tokenizer, name, records)

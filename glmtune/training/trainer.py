@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader
 
 from glmtune.config import ConfigError, TaskConfig, resolve_path
 from glmtune.data.dataset import RecordDataset, collate_fn
+from glmtune.data.preference import iter_pairs
 from glmtune.data.prepare import prepare_records
 from glmtune.demo.tiny import ensure_model
 from glmtune.inference.predict import prediction_items
-from glmtune.models.families import resolve_family
+from glmtune.models.families import chat_family, resolve_family
 from glmtune.models.loading import load_model
 from glmtune.models.value_head import save_value_head
 from glmtune.tokenizers.template_choice import get_template
@@ -94,7 +95,12 @@ def check_half_precision(cfg: TaskConfig) -> None:
     """GLM-4 is trained in bf16: its activations overflow fp16's range, so fp16 training ends in NaN losses."""
     fp16 = cfg.train.precision in ("16-mixed", "16-true") or cfg.model.dtype == "float16"
     folder = resolve_path(cfg.model.path)
-    if fp16 and (folder / "config.json").is_file() and resolve_family(folder, cfg.model.family) == "glm4":
+    # A transformers-native GLM-4 folder loads as "hf" and is GLM-4 all the same.
+    if (
+        fp16
+        and (folder / "config.json").is_file()
+        and chat_family(folder, resolve_family(folder, cfg.model.family)) == "glm4"
+    ):
         raise ConfigError(
             "GLM-4 overflows in fp16 (train.precision 16-*, model.dtype float16): use train.precision "
             "bf16-mixed (or bf16-true) and model.dtype bfloat16 or float32"
@@ -407,13 +413,20 @@ def _data(cfg: TaskConfig):
 
 
 def generation_eval(cfg: TaskConfig, records) -> GenerationEval | None:
-    """The `train.eval_generate` callback: the first N turns of the eval files, scored after each evaluation."""
+    """The `train.eval_generate` callback: the first N turns of the eval files (with `stage: dpo`, the first
+    N pairs' prompts, against their chosen answers), scored after each evaluation."""
     if not cfg.train.eval_generate:
         return None
 
     items: list[dict] = []
     for file in cfg.data.eval_files:
-        items += list(prediction_items(resolve_path(file), cfg.data.format))
+        if cfg.stage == "dpo":  # answers to the pairs' prompts, scored against the chosen answers
+            items += [
+                {"query": p.query, "history": p.history, "system": p.system, "reference": p.chosen}
+                for p in iter_pairs(resolve_path(file))
+            ]
+        else:
+            items += list(prediction_items(resolve_path(file), cfg.data.format))
     template = get_template(records.template_name, records.tokenizer)
     return GenerationEval(items[: cfg.train.eval_generate], records.tokenizer, template, cfg.generation)
 

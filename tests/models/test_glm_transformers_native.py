@@ -27,6 +27,7 @@ from glmtune.tokenizers.glm4_fast import GLM4TokenizerFast
 from glmtune.tokenizers.template_choice import get_template, resolve_template_name
 from glmtune.tokenizers.tool_prompts import build_messages_sample
 from glmtune.training.methods import GLM_HF_LINEARS, default_ia3_targets, default_target_modules
+from tests.conftest import REPO_ROOT
 from tests.inference.conftest import task_config
 from tests.models.test_glm4 import EOS, FOLDER, run_script
 
@@ -214,3 +215,19 @@ def test_native_glm_through_the_scripts(folders, tmp_path, kind) -> None:
     plain = AutoTokenizer.from_pretrained(merged)
     assert plain.encode("你好") == load_tokenizer(folders[kind]).encode("你好")
     assert chat_family(merged, detect_family(merged)) == "glm4"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_native_glm4_is_glm4_for_fp16_refusal_and_preference_pairs(folders, tmp_path, kind) -> None:
+    from glmtune.config import ConfigError
+    from glmtune.training.preference_data import prepare_pairs
+    from glmtune.training.trainer import check_half_precision
+
+    cfg = task_config("--model.path", str(folders[kind]), "--train.precision", "16-mixed")
+    with pytest.raises(ConfigError, match="GLM-4 overflows in fp16"):
+        check_half_precision(cfg)
+    cfg = task_config(
+        "--config", str(REPO_ROOT / "config" / "dpo.yaml"), "--model.path", str(folders[kind]),
+        "--data.output_dir", str(tmp_path / "records"),
+    )  # fmt: skip
+    assert prepare_pairs(cfg).template_name == "glm4"

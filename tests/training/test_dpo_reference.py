@@ -78,10 +78,21 @@ def test_train_py_stage_dpo_with_ptv2_and_freeze(tiny_chatglm2, tmp_path, method
     argv = [
         "--config", str(REPO_ROOT / "config" / "dpo.yaml"), "--method", method, "--model.path", str(tiny_chatglm2),
         "--data.output_dir", str(tmp_path / "records"), "--train.output_dir", str(out), "--train.max_epochs", "1",
-        "--ptv2.pre_seq_len", "4",
+        "--ptv2.pre_seq_len", "4", "--train.eval_generate", "2",
     ]  # fmt: skip
     assert train.main(argv) == 0
     metrics = json.loads((out / "final" / "metrics.json").read_text())
     assert {"val_reward_accuracy", "val_reward_margin", "train_logps_chosen"} <= set(metrics), metrics
+    assert "val_exact_match" in metrics  # eval_generate answered the eval pairs' prompts
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert not any("reference" in k for k in checkpoint["state_dict"])
+
+
+def test_eval_generate_is_refused_for_a_reward_model(tiny_chatglm2, tiny_data, tmp_path):
+    from glmtune.config import ConfigError
+    from glmtune.training.trainer import check_config
+
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run")
+    cfg.stage, cfg.train.eval_generate = "reward", 2
+    with pytest.raises(ConfigError, match="train.eval_generate=2 is not supported with stage: reward"):
+        check_config(cfg)
