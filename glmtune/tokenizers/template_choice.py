@@ -12,17 +12,15 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from glmtune.config import ConfigError
+from glmtune.tokenizers.other_prompts import AlpacaTemplate, ChatMLTemplate, Llama2Template
 from glmtune.tokenizers.prompts import (
-    AlpacaTemplate,
     ChatGLM2Template,
     ChatGLM3PlainTemplate,
     ChatGLM3Template,
     ChatGLMTemplate,
-    ChatMLTemplate,
     ChatTemplate,
     GLM4PerMessageTemplate,
     GLM4Template,
-    Llama2Template,
 )
 
 TEMPLATES: dict[str, type[ChatTemplate]] = {
