@@ -5,7 +5,11 @@ Formats, decided per record from its keys:
 - `{"prompt", "chosen", "rejected"}` with strings (TRL's format), optional `system`; or TRL's conversational
   form: `prompt` a list of `{"role", "content"}` messages ending with the user's, each answer a string or one
   `{"role": "assistant", "content"}` message;
-- alpaca style `{"instruction", "input", "chosen", "rejected", "history": [[q, a], ...], "system"}`.
+- alpaca style `{"instruction", "input", "chosen", "rejected", "history": [[q, a], ...], "system"}`;
+- a dialogue so far plus the two answers to its last user message: ShareGPT's
+  `{"conversations": [{"from": "system"|"human"|"gpt", "value"}...], "chosen", "rejected"}` or OpenAI's
+  `{"messages": [{"role": "system"|"user"|"assistant", "content"}...], "chosen", "rejected"}`, as the
+  supervised `conversations` format writes dialogues, but ending with the user's message.
 
 A bad record raises `DataError` with FILE:LINE and the field, as supervised data does. Both answers are
 rendered after the same chat prompt by the template (`build_train_sample`), so the model is trained on the
@@ -32,7 +36,7 @@ import torch
 
 from glmtune.data.cache import REPORT_FILE, file_digest, locked, replacing
 from glmtune.data.dataset import Collator
-from glmtune.data.readers import DataError, _answer, _get, _text, iter_json_records
+from glmtune.data.readers import _ROLES, DataError, _answer, _get, _text, iter_json_records
 from glmtune.data.records import open_writer, read_meta, write_order
 from glmtune.data.samples import IGNORE_INDEX, Template, supervised_spans, template_fingerprint
 from glmtune.data.settings import BuildSettings, LengthSettings
@@ -81,8 +85,18 @@ def parse_preference(obj: Any, src: str) -> PreferencePair:
         query, history, system = _conversation_prompt(obj["prompt"], src, system)
     elif "prompt" in obj:
         query = _get(obj, "prompt", src)
+    elif "conversations" in obj or "messages" in obj:
+        name, role_key, text_key = (
+            ("conversations", "from", "value") if "conversations" in obj else ("messages", "role", "content")
+        )
+        messages = _get(obj, name, src, kind=list)
+        if not messages:
+            raise DataError(src, "empty list", name)
+        query, history, system = _conversation_prompt(messages, src, system, name, role_key, text_key)
     else:
-        raise DataError(src, "missing (give `prompt`, or alpaca's `instruction`)", "prompt")
+        raise DataError(
+            src, "missing (give `prompt`, alpaca's `instruction`, or `conversations` / `messages`)", "prompt"
+        )
     return PreferencePair(query, chosen, rejected, history, system, src)
 
 
@@ -96,30 +110,42 @@ def _assistant_message(value: Any, src: str, name: str) -> Any:
 
 
 def _conversation_prompt(
-    messages: list, src: str, system: str | None
+    messages: list,
+    src: str,
+    system: str | None,
+    name: str = "prompt",
+    role_key: str = "role",
+    text_key: str = "content",
 ) -> tuple[str, list[tuple[str, str]], str | None]:
-    """TRL's conversational prompt (an optional system message, then user / assistant turns ending with a user
-    message) -> (query, history, system)."""
+    """A dialogue so far (an optional system message, then user / assistant turns ending with a user message),
+    as TRL's conversational `prompt`, `messages` or ShareGPT's `conversations` (`from` / `value`, roles human
+    and gpt) -> (query, history, system). Errors name the list `name` and the message's index."""
     turns: list[tuple[str, str]] = []
     query: str | None = None
     for i, message in enumerate(messages):
-        where = f"prompt[{i}]"
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(src, 'expected a {"role", "content"} message', where)
-        role, content = message["role"], _text(message["content"], src, f"{where}.content")
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict) or role_key not in message or text_key not in message:
+            raise DataError(src, f'expected a {{"{role_key}", "{text_key}"}} message', where)
+        given = message[role_key]
+        role = _ROLES.get(given) if isinstance(given, str) else None
+        content = _text(message[text_key], src, f"{where}.{text_key}")
         if role == "system" and i == 0:
             system = content or None
         elif role == "user" and query is None:
             query = content
         elif role == "assistant" and query is not None:
-            turns.append((query, _answer(content, src, f"{where}.content")))
+            turns.append((query, _answer(content, src, f"{where}.{text_key}")))
             query = None
         else:
             raise DataError(
-                src, f"unexpected role {role!r} here (system first, then user / assistant turns)", where
+                src,
+                f"unexpected role {given!r} here (system first, then user / assistant turns)",
+                f"{where}.{role_key}",
             )
     if query is None:
-        raise DataError(src, "the prompt's last message must be the user's", "prompt")
+        raise DataError(
+            src, "the prompt's last message must be the user's (chosen and rejected answer it)", name
+        )
     return query, turns, system
 
 

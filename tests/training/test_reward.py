@@ -242,3 +242,21 @@ def test_train_py_stage_reward_prefers_the_chosen_answers_and_predict_prints_its
         infer_lora_finetuning.main(["--checkpoint", str(out / "final"), "--merge", str(tmp_path / "m")]) == 1
     )
     assert "--merge would drop its value head" in capsys.readouterr().err
+
+
+def test_train_py_ends_a_bad_dialogue_pair_with_its_file_line_and_field(tiny_chatglm2, tmp_path, capsys):
+    import train
+
+    pairs = tmp_path / "pairs.jsonl"
+    good = {"messages": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
+    bad = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], **good}
+    del bad["messages"]
+    pairs.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    argv = [
+        "--stage", "reward", "--model.path", str(tiny_chatglm2), "--data.train_files", f"[{pairs}]",
+        "--data.eval_files", "[]", "--data.output_dir", str(tmp_path / "records"),
+        "--train.output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"error: {pairs}:2: field 'conversations': the prompt's last message must be the user's" in err
