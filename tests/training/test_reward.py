@@ -114,18 +114,29 @@ def _reward_cfg(model_dir, tmp_path, method):
     return cfg
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "freeze", "ptv2"])
-def test_the_artifact_reloads_as_a_scorer_giving_the_rewards_of_training(
-    tiny_chatglm2, tmp_path, method, capsys
-):
+@pytest.mark.parametrize(
+    ("model", "method"),
+    [
+        ("chatglm2", "lora"),
+        ("chatglm2", "full"),
+        ("chatglm2", "freeze"),
+        ("chatglm2", "ptv2"),
+        ("chatglm", "lora"),
+    ],
+)
+def test_the_artifact_reloads_as_a_scorer_giving_the_rewards_of_training(request, tmp_path, model, method):
     from glmtune.inference.reward import load_reward_scorer, predict_pairs
     from glmtune.training.trainer import train
 
-    cfg = _reward_cfg(tiny_chatglm2, tmp_path, method)
+    cfg = _reward_cfg(request.getfixturevalue(f"tiny_{model}"), tmp_path, method)
     cfg.train.eval_batch_size = 8  # the 8 dev pairs in one evaluation batch
     result = train(cfg, enable_progress_bar=False)
     final = result.artifact_dir
     assert (final / VALUE_HEAD_FILE).is_file()
+    # The head is in the checkpoints (resume) and in best/ (the lowest val_loss) too.
+    checkpoint = torch.load(result.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert {"value_head.weight", "value_head.bias"} <= set(checkpoint["state_dict"])
+    assert (result.best_artifact_dir / VALUE_HEAD_FILE).is_file()
     assert {"val_reward_accuracy", "val_reward_margin", "train_reward_accuracy"} <= set(result.metrics)
     saved = json.loads((final / "metrics.json").read_text())
     assert saved["val_reward_margin"] == pytest.approx(result.metrics["val_reward_margin"])
