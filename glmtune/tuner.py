@@ -5,6 +5,10 @@
     response, history = tuner.chat("山间茶舍几点开门？")
     scores = tuner.eval("data/dev.json")
 
+    rm = glmtune.Tuner(train={"output_dir": "output/reward"})   # a reward model on preference pairs
+    rm.load_data("data/samples/preference_train.jsonl").tune(stage="reward", max_epochs=24)
+    rm.score("山间茶舍几点开门？", "每天早上九点开门。")            # a float: higher is better
+
 In the spirit of hcgf's `GlmLora(...).load_data(...).tune()`, but a thin facade: the arguments are the task
 config's keys (validated like the command line's), tuning is `glmtune.training.trainer.train`, and chat and
 scoring are the inference scripts' `ChatEngine` and `predict`. Whatever a Tuner does, the scripts do the same
@@ -25,6 +29,7 @@ from glmtune.inference.artifacts import load_artifact, load_base, read_run_confi
 from glmtune.inference.engine import ChatEngine, History
 from glmtune.inference.merge import merge_and_save
 from glmtune.inference.predict import predict
+from glmtune.inference.reward import RewardScorer, is_reward_run, load_reward_scorer, predict_pairs
 from glmtune.training.module import CausalLMModule
 from glmtune.training.trainer import train as run_training
 
@@ -76,6 +81,7 @@ class Tuner:
         self.artifact: Path | None = None  # the tuned (or loaded) result chat and eval use; None = base model
         self.train_metrics: dict[str, float] = {}
         self._engine: ChatEngine | None = None
+        self._scorer: RewardScorer | None = None
 
     # -- config ------------------------------------------------------------------------------------------
 
@@ -117,18 +123,24 @@ class Tuner:
         )
         return self
 
-    def tune(self, **train: Any) -> dict[str, float]:
+    def tune(self, stage: str | None = None, **train: Any) -> dict[str, float]:
         """Train with `train.*` keys overridden (max_epochs, learning_rate, batch_size, output_dir, ...);
         returns the final metrics (train_loss, val_loss where there is eval data). Chat and eval then use
-        the result, saved in <train.output_dir>/final."""
+        the result, saved in <train.output_dir>/final. `stage`: sft, dpo or reward (None keeps the config's);
+        dpo and reward train on preference pairs (load_data with pair files); a reward model then scores
+        (`score`, and `eval` on pairs) instead of chatting."""
 
+        changes: dict[str, Any] = {"stage": stage} if stage is not None else {}
         if train:
-            self._update({"train": train})
+            changes["train"] = train
+        if changes:
+            self._update(changes)
 
         result = run_training(self.cfg, module_cls=self.module_cls or CausalLMModule)
         self.artifact = result.artifact_dir
         self.train_metrics = result.metrics
         self._engine = None
+        self._scorer = None
         return result.metrics
 
     # -- using the model ---------------------------------------------------------------------------------
@@ -137,14 +149,39 @@ class Tuner:
         """Chat with / evaluate a saved result (an adapter, a P-Tuning v2 prefix or a full model folder):
         the folder a run wrote as <train.output_dir>/final. Its base model comes from its hyperparameters.yaml."""
         path = Path(artifact_dir)
-        self._engine = load_artifact(self.cfg, path, self.device)
+        self._engine, self._scorer = None, None
         self.artifact = path
+        if not self._is_reward():
+            self._engine = load_artifact(self.cfg, path, self.device)
         return self
+
+    def _is_reward(self) -> bool:
+        return self.artifact is not None and is_reward_run(read_run_config(self.artifact))
+
+    @property
+    def scorer(self) -> RewardScorer:
+        """The `stage: reward` result as a RewardScorer (glmtune.inference.reward), loaded on first use."""
+        if self.artifact is None:
+            raise ValueError("score: nothing tuned or loaded yet (tune(stage='reward') or load_pretrained())")
+        if self._scorer is None:
+            self._scorer = load_reward_scorer(self.cfg, self.artifact, self.device)
+        return self._scorer
+
+    def score(
+        self, prompt: str, answer: str, history: History | None = None, system: str | None = None
+    ) -> float:
+        """A reward model's score of `answer` to `prompt` (after `history`): higher is better."""
+        return self.scorer.score(prompt, answer, history, system)
 
     @property
     def engine(self) -> ChatEngine:
         """The model chat and eval use: the tuned / loaded result, else the base model (loaded on first use)."""
         if self._engine is None:
+            if self._is_reward():
+                raise ConfigError(
+                    f"{self.artifact} is a reward model: it scores answers (score(), or eval() on preference "
+                    "pairs) and does not chat"
+                )
             cfg = self.cfg
             self._engine = (
                 load_artifact(cfg, self.artifact, self.device)
@@ -169,12 +206,15 @@ class Tuner:
         verbose: bool = False,
     ) -> dict[str, Any]:
         """Answer every turn of a data file (default: the one `data.eval_files` names) and score it:
-        samples, exact_match, and ROUGE-1/2/L and BLEU-4 (percent). `out` saves predictions as JSON lines."""
+        samples, exact_match, and ROUGE-1/2/L and BLEU-4 (percent). `out` saves predictions as JSON lines.
+        A reward model scores the pairs of a preference file instead: pairs, reward_accuracy, reward_margin."""
         if path is None:
             files = self.cfg.data.eval_files
             if len(files) != 1:
                 raise ValueError(f"eval: pass a data file (data.eval_files holds {len(files)}: {files})")
             path = files[0]
+        if self._is_reward():
+            return predict_pairs(self.scorer, path, out=out, limit=limit, batch_size=batch_size, show=verbose)
         return predict(self.engine, path, out=out, limit=limit, batch_size=batch_size, show=verbose)
 
     def merge(self, out: PathLike) -> Path:

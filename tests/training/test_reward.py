@@ -271,3 +271,22 @@ def test_train_py_ends_a_bad_dialogue_pair_with_its_file_line_and_field(tiny_cha
     assert train.main(argv) == 1
     err = capsys.readouterr().err
     assert f"error: {pairs}:2: field 'conversations': the prompt's last message must be the user's" in err
+
+
+def test_the_tuner_trains_a_reward_model_that_scores_and_does_not_chat(tiny_chatglm2, tmp_path):
+    from glmtune import Tuner
+
+    tuner = Tuner(tiny_chatglm2, "lora", train={"accelerator": "cpu", "eval_batch_size": 8})
+    tuner.load_data(PAIRS["train"], PAIRS["dev"], max_seq_length=48, output_dir=str(tmp_path / "records"))
+    metrics = tuner.tune(stage="reward", max_epochs=1, batch_size=4, output_dir=str(tmp_path / "run"))
+    assert tuner.cfg.stage == "reward" and "val_reward_accuracy" in metrics
+    summary = tuner.eval()  # data.eval_files: the dev pairs
+    assert summary["pairs"] == 8
+    assert summary["reward_margin"] == pytest.approx(metrics["val_reward_margin"], abs=1e-4)
+    assert isinstance(tuner.score("山间茶舍几点开门？", "每天早上九点开门。"), float)
+    with pytest.raises(ConfigError, match="is a reward model"):
+        tuner.chat("你好")
+    reloaded = Tuner(tiny_chatglm2).load_pretrained(tmp_path / "run" / "final")
+    assert reloaded.score("山间茶舍几点开门？", "每天早上九点开门。") == tuner.score(
+        "山间茶舍几点开门？", "每天早上九点开门。"
+    )
