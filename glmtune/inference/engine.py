@@ -48,6 +48,18 @@ class Completion(NamedTuple):
     finish_reason: Literal["stop", "length"]  # "length": max_new_tokens ran out first
 
 
+@dataclass
+class Row:
+    """One prompt of a batched generate(), and what its caller wants of it."""
+
+    prompt: list[int]
+    budget: int | None = None  # max_new_tokens for this row; None: the call's
+    stops: list[str] | None = None  # stop strings; None: the call's (or the generation config's)
+    on_text: Callable[[str], None] | None = None  # streaming: the answer so far, after each token
+    on_done: Callable[[Completion], None] | None = None  # the answer, as soon as the row is finished
+    cancelled: Callable[[], bool] | None = None  # True once nobody waits for the answer: the row stops
+
+
 class _Cancelled:
     """A stopping criterion: ends generate() once the consumer of a stream has gone (or hit a stop string)."""
 
@@ -142,59 +154,72 @@ class ChatEngine:
         prompts = [self.prompt_ids(q, h, s) for q, h, s in zip(queries, histories, systems, strict=True)]
         return self.complete_prompts(prompts, row_budgets=row_budgets, row_stops=row_stops, **overrides)
 
-    def _row_completion(
-        self, prompt: list[int], new: Sequence[int], budget: int | None, stops: Sequence[str]
-    ) -> tuple[Completion, bool]:
-        """One row's answer from its generated ids so far, and whether it is finished (a stop token, a stop
-        string, or its budget spent)."""
-        kept, ended = self._until_stop_token(new if budget is None else new[:budget])
+    def _row_state(
+        self, prompt: list[int], new: Sequence[int], budget: int, stops: Sequence[str]
+    ) -> tuple[Completion, bool, str]:
+        """One row from its generated ids so far: its answer, whether it is finished (a stop token, a stop
+        string, or its budget spent), and the text to show while it streams."""
+        kept, ended = self._until_stop_token(new[:budget])
         text, cut = cut_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), stops)
-        spent = budget is not None and len(new) >= budget
         # A row without a stop token ran to max_new_tokens (rows that ended are padded after it).
         completion = Completion(text.strip(), len(prompt), len(kept), "stop" if ended or cut else "length")
-        return completion, ended or cut or spent
+        # U+FFFD: the first bytes of a character whose last token is still to come; it waits for them.
+        return completion, ended or cut or len(new) >= budget, text.rstrip("\ufffd")
 
-    @torch.inference_mode()
     def complete_prompts(
         self,
         prompts: list[list[int]],
         *,
         row_budgets: list[int] | None = None,
         row_stops: list[list[str] | None] | None = None,
-        on_row_done: Callable[[int, Completion], None] | None = None,
         **overrides,
     ) -> list[Completion]:
-        """One generate() for all prompts (ids). `row_budgets` and `row_stops` give each row its own
-        max_new_tokens and stop strings (a server batching different requests); each row is cut to its own,
-        which for greedy decoding is exactly its solo answer. Generation ends when every row is finished, and
-        `on_row_done(row, completion)` hears of each row as soon as it is (a server answers it then, not when
-        the whole batch ends)."""
-        batch = self._batch(prompts)
-        if row_budgets is not None:
-            overrides = {**overrides, "max_new_tokens": max(row_budgets)}
+        """One generate() for all prompts (ids), each with its own max_new_tokens and stop strings if given
+        (see `generate_rows`)."""
+        rows = [
+            Row(p, row_budgets[i] if row_budgets else None, row_stops[i] if row_stops else None)
+            for i, p in enumerate(prompts)
+        ]
+        return self.generate_rows(rows, **overrides)
+
+    @torch.inference_mode()
+    def generate_rows(self, rows: Sequence[Row], **overrides) -> list[Completion]:
+        """One generate() for all rows (a server batching different requests). Each row is cut to its own
+        budget and stop strings, which for greedy decoding is exactly its solo answer; it hears of its text
+        after every token if it streams, and of its answer as soon as it is finished, not when the whole
+        batch ends. Generation ends when every row is finished (or cancelled)."""
+        batch = self._batch([row.prompt for row in rows])
+        if all(row.budget is not None for row in rows):
+            overrides = {**overrides, "max_new_tokens": max(row.budget for row in rows)}
         kwargs = self._generate_kwargs(overrides)
-        stops = overrides.get("stop") or self.generation.stop
-        budgets = row_budgets or [kwargs["max_new_tokens"]] * len(prompts)
-        rows_stops = [(row_stops[i] if row_stops else None) or stops for i in range(len(prompts))]
+        budgets = [row.budget or kwargs["max_new_tokens"] for row in rows]
+        stops = [row.stops or overrides.get("stop") or self.generation.stop for row in rows]
         width = batch["input_ids"].shape[1]
+        stop_ids = set(self.template.stop_token_ids)
         done: dict[int, Completion] = {}
 
-        stop_ids = set(self.template.stop_token_ids)
+        def finish(i: int, completion: Completion) -> None:
+            done[i] = completion
+            if rows[i].on_done is not None:
+                rows[i].on_done(completion)
 
         def finished_rows(input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
             length = input_ids.shape[1] - width
             last = input_ids[:, -1].tolist()
-            for i in range(len(prompts)):
-                # Only a row with stop strings needs its text decoded at every step.
-                if i not in done and (last[i] in stop_ids or length >= budgets[i] or rows_stops[i]):
-                    completion, finished = self._row_completion(
-                        prompts[i], input_ids[i, width:].tolist(), budgets[i], rows_stops[i]
+            for i, row in enumerate(rows):
+                if i in done:
+                    continue
+                cancelled = row.cancelled is not None and row.cancelled()
+                # Only a row that streams or has stop strings needs its text decoded at every step.
+                if cancelled or last[i] in stop_ids or length >= budgets[i] or stops[i] or row.on_text:
+                    completion, finished, shown = self._row_state(
+                        row.prompt, input_ids[i, width:].tolist(), budgets[i], stops[i]
                     )
-                    if finished:
-                        done[i] = completion
-                        if on_row_done is not None:
-                            on_row_done(i, completion)
-            flags = [i in done for i in range(len(prompts))]
+                    if finished or cancelled:
+                        finish(i, completion)
+                    elif row.on_text is not None:
+                        row.on_text(shown)
+            flags = [i in done for i in range(len(rows))]
             return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
         from transformers import StoppingCriteriaList
@@ -204,14 +229,10 @@ class ChatEngine:
                 **batch, **kwargs, stopping_criteria=StoppingCriteriaList([finished_rows])
             )
         new = out[:, width:].tolist()
-        completions = []
-        for i, prompt in enumerate(prompts):
+        for i, row in enumerate(rows):
             if i not in done:  # generate() ended first (max_new_tokens)
-                done[i] = self._row_completion(prompt, new[i], budgets[i], rows_stops[i])[0]
-                if on_row_done is not None:
-                    on_row_done(i, done[i])
-            completions.append(done[i])
-        return completions
+                finish(i, self._row_state(row.prompt, new[i], budgets[i], stops[i])[0])
+        return [done[i] for i in range(len(rows))]
 
     def batch_chat(
         self, queries: list[str], histories: list[History] | None = None, **overrides

@@ -1,8 +1,8 @@
 """The HTTP API: ChatGLM's `POST /` and OpenAI's `/v1/chat/completions` and `/v1/models`, on one ChatEngine.
 
 Generation runs in worker threads (the event loop keeps answering other requests meanwhile) and the engine's
-lock lets one generate() run at a time. Answers requested while the model is busy are generated together in
-one batch (see batching.py), each the answer it would get alone; streams run one at a time. Streams are
+lock lets one generate() run at a time. Answers requested while the model is busy, streamed or not, are
+generated together in one batch (see batching.py), each the answer it would get alone. Streams are
 OpenAI server-sent events: `data: {chunk}` lines, then `data: [DONE]`.
 """
 
@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -148,15 +148,6 @@ class DeltaTracker:
             return ""
         delta, self.sent = final[len(self.sent) :], final
         return delta
-
-
-def _step(stream: Generator[str, None, Completion], tracker: DeltaTracker) -> tuple[bool, Any]:
-    """One step of a stream_chat generator in a worker thread, the stop-string hold-back included (it costs
-    CPU the event loop must not spend): (finished, the next delta or the Completion)."""
-    try:
-        return False, tracker.update(next(stream))
-    except StopIteration as end:
-        return True, end.value
 
 
 def create_app(
@@ -317,7 +308,7 @@ def add_openai_chat_route(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = SSEStream(engine, model_name, completion_id, include_usage)
         if body.stream and tools is None:
-            return stream.response(gate, stream.events(prompt, overrides))
+            return stream.response(gate, stream.events(batcher, prompt, overrides))
         completion = await batcher.complete(prompt, overrides)
         if tools is None:
             message, finish_reason = AssistantMessage(content=completion.text), completion.finish_reason
@@ -416,24 +407,23 @@ class SSEStream:
         for event in self.ending(finish_reason, completion):
             yield event
 
-    async def events(self, prompt: list[int], overrides: dict) -> AsyncIterator[str]:
-        engine = self.engine
-        stream = engine.stream_prompt(prompt, **overrides)
-        tracker = DeltaTracker(overrides.get("stop") or engine.generation.stop)
+    async def events(self, batcher: Batcher, prompt: list[int], overrides: dict) -> AsyncIterator[str]:
+        """The answer streamed from its row of a batch (see batching.py)."""
+        tracker = DeltaTracker(overrides.get("stop") or self.engine.generation.stop)
+        answer = batcher.stream(prompt, overrides)
         try:
             yield self.opening()
-            while True:
-                finished, value = await run_in_threadpool(_step, stream, tracker)
-                if finished:
+            async for value in answer:
+                if isinstance(value, Completion):
+                    rest = tracker.finish(value.text)
+                    if rest:
+                        yield self.content(rest)
+                    for event in self.ending(value.finish_reason, value):
+                        yield event
                     break
-                if value:
-                    yield self.content(value)
-            completion: Completion = value
-            rest = tracker.finish(completion.text)
-            if rest:
-                yield self.content(rest)
-            for event in self.ending(completion.finish_reason, completion):
-                yield event
+                delta = tracker.update(value)
+                if delta:
+                    yield self.content(delta)
         except Exception:
             # The 200 status and earlier chunks are already sent: report in the stream, as OpenAI does, and
             # end it as every stream ends; what went wrong inside is for the server log, not the client.
@@ -442,6 +432,6 @@ class SSEStream:
             yield f"data: {json.dumps(error.body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            # Closing the generator stops generate() at its next token (client gone, or done anyway).
+            # Closing it stops the row at its next token (the client gone, or the answer done anyway).
             with anyio.CancelScope(shield=True):
-                await run_in_threadpool(stream.close)
+                await answer.aclose()

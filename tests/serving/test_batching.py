@@ -1,9 +1,11 @@
-"""Batched generation: requests that wait while the model is busy share one generate(), each answer still
-exactly its solo answer, with its own max_tokens and stop strings. Against a live server on 127.0.0.1."""
+"""Batched generation: requests that wait while the model is busy, streamed or not, share one generate(), each
+answer still exactly its solo answer, with its own max_tokens and stop strings. Against a live server on
+127.0.0.1; and the engine's rows: answered when they finish, stopped when their client has gone."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +14,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn", reason="serving needs the 'serve' extras (pip install -e '.[serve]')")
 
+from glmtune.inference.engine import Row  # noqa: E402
 from glmtune.serving.api import create_app  # noqa: E402
 from glmtune.serving.batching import Batcher, Pending  # noqa: E402
 from glmtune.serving.limits import ServingLimits  # noqa: E402
@@ -33,9 +36,20 @@ def test_waiting_requests_are_batched_and_equal_their_solo_answers(engine):
     count = 12
 
     def ask(i: int) -> dict:
+        """Every other request streams; its events are put together into the shape of a whole answer."""
         query, max_tokens, stop = request(i)
         body = {"messages": [{"role": "user", "content": query}], "max_tokens": max_tokens, "stop": stop}
-        return httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=120).json()
+        if i % 2 == 0:
+            return httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=120).json()
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        response = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=120)
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+        choices = [e["choices"][0] for e in events if e["choices"]]
+        text = "".join(c["delta"].get("content") or "" for c in choices)
+        return {
+            "choices": [{"message": {"content": text}, "finish_reason": choices[-1]["finish_reason"]}],
+            "usage": events[-1]["usage"],
+        }
 
     try:
         with ThreadPoolExecutor(count) as pool, engine._lock:  # busy model: the requests queue up
@@ -93,9 +107,11 @@ def test_each_row_is_answered_when_it_finishes_not_when_the_batch_ends(engine):
     counter = ForwardCounter(engine.model)
     heard: list[tuple[int, int]] = []
     try:
-        answers = engine.complete_prompts(
-            prompts, row_budgets=[2, 12], on_row_done=lambda row, c: heard.append((row, counter.calls))
-        )
+        rows = [
+            Row(prompt, budget, on_done=lambda c, row=row: heard.append((row, counter.calls)))
+            for row, (prompt, budget) in enumerate(zip(prompts, (2, 12), strict=True))
+        ]
+        answers = engine.generate_rows(rows)
     finally:
         counter.handle.remove()
     assert answers == solo
@@ -118,3 +134,29 @@ def test_the_batch_ends_once_every_row_has_met_its_stop_string(engine):
     ]
     assert all(a.finish_reason == "stop" for a in answers)
     assert counter.calls < 40, "generation ran on after every row had stopped"
+
+
+def test_a_row_whose_client_has_gone_stops_and_the_batch_ends_without_it(engine):
+    prompts = [engine.prompt_ids("讲个故事"), engine.prompt_ids("你好")]
+    counter = ForwardCounter(engine.model)
+    heard: list = []
+    try:
+        rows = [
+            Row(prompts[0], 30, on_done=heard.append, cancelled=lambda: counter.calls >= 3),
+            Row(prompts[1], 6),
+        ]
+        answers = engine.generate_rows(rows)
+    finally:
+        counter.handle.remove()
+    assert counter.calls == 6, "the batch ran for the row that had gone"
+    assert heard == [answers[0]] and answers[0].completion_tokens == 3
+    assert answers[1] == engine.complete_prompts([prompts[1]], max_new_tokens=6)[0]
+
+
+def test_a_streaming_row_hears_its_text_grow_to_its_answer(engine):
+    prompts = [engine.prompt_ids("讲个故事"), engine.prompt_ids("你好")]
+    shown: list[str] = []
+    answers = engine.generate_rows([Row(prompts[0], 12, on_text=shown.append), Row(prompts[1], 4)])
+    assert answers[0] == engine.complete_prompts([prompts[0]], max_new_tokens=12)[0]
+    assert len(shown) >= 6 and all(b.startswith(a) for a, b in zip(shown, shown[1:]))
+    assert answers[0].text.startswith(shown[-1].strip())

@@ -123,12 +123,7 @@ def test_a_failing_generation_says_nothing_of_the_internals(engine, monkeypatch)
     def fails(*args, **kwargs):
         raise Boom("secret internal detail")
 
-    def stream_fails(*args, **kwargs):
-        yield "partial"
-        raise Boom("secret internal detail")
-
-    monkeypatch.setattr(engine, "complete_prompts", fails)
-    monkeypatch.setattr(engine, "stream_prompt", stream_fails)
+    monkeypatch.setattr(engine, "generate_rows", fails)
     response = api.post(CHAT, json={"messages": HI})
     assert response.status_code == 500
     error = openai_error(response)
