@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from glmtune.inference.engine import ChatEngine, Completion, held_back
+from glmtune.inference.reward import RewardScorer
 from glmtune.serving.batching import Batcher
 from glmtune.serving.guards import OPEN_PATHS, BearerAuth, BodyLimits, HostAllowList
 from glmtune.serving.limits import AdmissionGate, RequestError, ServingLimits, answer_budget
@@ -46,6 +47,7 @@ from glmtune.serving.schemas import (
     ModelList,
     Usage,
 )
+from glmtune.serving.score import add_score_route
 from glmtune.serving.tool_calls import ToolConversation, tool_conversation, uses_tools
 from glmtune.serving.tool_calls import answer as tool_answer
 from glmtune.serving.web import mount_chat_ui
@@ -151,15 +153,17 @@ class DeltaTracker:
 
 
 def create_app(
-    engine: ChatEngine,
+    engine: ChatEngine | None,
     *,
+    scorer: RewardScorer | None = None,
     model_name: str = "glmtune",
     api_key: str | None = None,
     ui_path: str | None = None,
     limits: ServingLimits | None = None,
     allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `engine`; with `api_key`, every route but /health needs it.
+    """The FastAPI app serving `engine` (chat), or `scorer` (a reward model: POST /v1/score only); with
+    `api_key`, every route but /health needs it.
 
     `ui_path` (e.g. "/chat") also mounts the Gradio web chat there; with `api_key` its login asks for the key
     as the password (a browser cannot send a Bearer header). `allowed_hosts`: the only Host headers served
@@ -172,11 +176,18 @@ def create_app(
     app.state.model_name = model_name
     limits = limits or ServingLimits()
     gate = app.state.gate = AdmissionGate(limits.max_queue)
-    batcher = app.state.batcher = Batcher(engine, limits.max_batch_size)
     add_error_handlers(app)
     add_info_routes(app, model_name)
-    add_chatglm_route(app, engine, gate, batcher)
-    add_openai_chat_route(app, engine, model_name, gate, batcher)
+    if (engine is None) == (scorer is None):
+        raise ValueError("serve a chat engine or a reward scorer: exactly one of the two")
+    if engine is not None:
+        batcher = app.state.batcher = Batcher(engine, limits.max_batch_size)
+        add_chatglm_route(app, engine, gate, batcher)
+        add_openai_chat_route(app, engine, model_name, gate, batcher)
+    else:
+        if ui_path:
+            raise ValueError("a reward model has no chat page: it scores answers and writes none")
+        add_score_route(app, scorer, model_name, gate, ERROR_RESPONSES)
     open_paths = OPEN_PATHS
     if ui_path:
         mount_chat_ui(app, engine, ui_path, title=f"glmtune chat: {model_name}", password=api_key)

@@ -14,6 +14,7 @@ from glmtune.config import ConfigError, TaskConfig, build_parser, parse_args, re
 from glmtune.inference.artifacts import load_artifact, load_base, load_finetuned, load_lora, read_run_config
 from glmtune.inference.cli import exits_on_user_error
 from glmtune.inference.engine import ChatEngine
+from glmtune.inference.reward import load_reward_scorer, reward_artifact
 from glmtune.serving.api import create_app
 from glmtune.serving.guards import LOOPBACK_HOSTS, header_timeout_protocol
 from glmtune.serving.limits import ServingLimits
@@ -245,12 +246,19 @@ def main(description: str, argv: list[str] | None = None) -> int:
     check_auth(ns.host, api_key, ns.no_auth)
     limits = serving_limits(ns)
     check_address(ns.host, ns.port)
+    reward = reward_artifact(cfg, ns.checkpoint) if ns.checkpoint is not None else None
+    if reward is not None and ns.ui:
+        raise ConfigError(f"--ui: {reward} is a reward model, which scores answers and has no chat page")
     if ns.ui:
         gradio_module()
-    engine = load_engine(cfg, ns.model_kind, ns.checkpoint, ns.device)
+    if reward is not None:
+        engine, scorer = None, load_reward_scorer(cfg, reward, ns.device)
+    else:
+        engine, scorer = load_engine(cfg, ns.model_kind, ns.checkpoint, ns.device), None
     name = ns.model_name or default_model_name(cfg, ns.checkpoint)
     app = create_app(
         engine,
+        scorer=scorer,
         model_name=name,
         api_key=api_key,
         ui_path="/chat" if ns.ui else None,
@@ -258,8 +266,13 @@ def main(description: str, argv: list[str] | None = None) -> int:
         allowed_hosts=allowed_hosts(ns.host, api_key),
     )
     where = f"http://{ns.host}:{ns.port}"
+    routes = (
+        f"POST {where}/v1/score (reward)"
+        if scorer
+        else f"POST {where}/ (ChatGLM), {where}/v1/chat/completions (OpenAI)"
+    )
     print(
-        f"serving {name}: POST {where}/ (ChatGLM), {where}/v1/chat/completions (OpenAI)"
+        f"serving {name}: {routes}"
         + (f", web chat at {where}/chat" if ns.ui else "")
         + (" (API key required)" if api_key else ""),
         flush=True,
