@@ -131,7 +131,14 @@ def load_base(cfg: TaskConfig, device: str | None = None) -> ChatEngine:
     device = inference_device(cfg, device)
     given = resolve_path(cfg.model.path)
     if (given / HPARAMS_FILE).is_file():
-        method = METHODS.get(read_run_config(given).get("method"))
+        given_run = read_run_config(given)
+        method = METHODS.get(given_run.get("method"))
+        if given_run.get("stage") == "reward":
+            script = method.script if method is not None else "infer_finetuning.py"
+            raise ConfigError(
+                f"model.path {cfg.model.path}: a reward model (stage: reward), which scores answers rather than "
+                f"writing them: python {script} --checkpoint {cfg.model.path} --predict PAIRS"
+            )
         if method is not None and method.artifact != "model":
             raise ConfigError(
                 f"model.path {cfg.model.path}: a {method.name} training result, not a model: "

@@ -4,6 +4,7 @@ that learns to score the chosen answers higher."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -137,6 +138,11 @@ def test_the_artifact_reloads_as_a_scorer_giving_the_rewards_of_training(request
     checkpoint = torch.load(result.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=False)
     assert {"value_head.weight", "value_head.bias"} <= set(checkpoint["state_dict"])
     assert (result.best_artifact_dir / VALUE_HEAD_FILE).is_file()
+    if method == "full":  # a model folder, but not one to chat with (infer.py --model.path FOLDER)
+        from glmtune.inference.artifacts import load_base
+
+        with pytest.raises(ConfigError, match="a reward model .* --predict PAIRS"):
+            load_base(replace(cfg, model=replace(cfg.model, path=str(final))))
     assert {"val_reward_accuracy", "val_reward_margin", "train_reward_accuracy"} <= set(result.metrics)
     saved = json.loads((final / "metrics.json").read_text())
     assert saved["val_reward_margin"] == pytest.approx(result.metrics["val_reward_margin"])
