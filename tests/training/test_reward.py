@@ -123,13 +123,17 @@ def _reward_cfg(model_dir, tmp_path, method):
         ("chatglm2", "freeze"),
         ("chatglm2", "ptv2"),
         ("chatglm", "lora"),
+        ("chatglm3-6b-tiny", "lora"),
+        ("glm-4-9b-chat-tiny", "lora"),
     ],
 )
 def test_the_artifact_reloads_as_a_scorer_giving_the_rewards_of_training(request, tmp_path, model, method):
     from glmtune.inference.reward import load_reward_scorer, predict_pairs
     from glmtune.training.trainer import train
 
-    cfg = _reward_cfg(request.getfixturevalue(f"tiny_{model}"), tmp_path, method)
+    # The training fixtures' tiny models, or a reference folder as published (only read).
+    folder = request.getfixturevalue("reference_dir") / model if "-" in model else None
+    cfg = _reward_cfg(folder or request.getfixturevalue(f"tiny_{model}"), tmp_path, method)
     cfg.train.eval_batch_size = 8  # the 8 dev pairs in one evaluation batch
     result = train(cfg, enable_progress_bar=False)
     final = result.artifact_dir
