@@ -300,3 +300,19 @@ def test_the_tuner_trains_a_reward_model_that_scores_and_does_not_chat(tiny_chat
     assert reloaded.score("山间茶舍几点开门？", "每天早上九点开门。") == tuner.score(
         "山间茶舍几点开门？", "每天早上九点开门。"
     )
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_transformers_reward_model_reloads_as_a_scorer(tmp_path, method):
+    from glmtune.inference.reward import load_reward_scorer, predict_pairs
+    from glmtune.training.trainer import train
+    from tests.inference.test_merge import tiny_llama
+
+    tiny_llama(tmp_path / "model")  # a transformers LlamaForCausalLM with its own fast tokenizer
+    cfg = _reward_cfg(tmp_path / "model", tmp_path, method)
+    cfg.data.template, cfg.data.max_seq_length = "chatml", 256
+    cfg.train.eval_batch_size = 8
+    result = train(cfg, enable_progress_bar=False)
+    summary = predict_pairs(load_reward_scorer(cfg, result.artifact_dir), PAIRS["dev"], show=False)
+    assert summary["reward_margin"] == pytest.approx(result.metrics["val_reward_margin"], abs=1e-5)
+    assert summary["reward_margin"] != 0
