@@ -5,6 +5,7 @@ Every front end (terminal chat, batch prediction, HTTP API, web page, Python API
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -58,18 +59,6 @@ class Row:
     on_text: Callable[[str], None] | None = None  # streaming: the answer so far, after each token
     on_done: Callable[[Completion], None] | None = None  # the answer, as soon as the row is finished
     cancelled: Callable[[], bool] | None = None  # True once nobody waits for the answer: the row stops
-
-
-class _Cancelled:
-    """A stopping criterion: ends generate() once the consumer of a stream has gone (or hit a stop string)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
-        return torch.full(
-            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
-        )
 
 
 @dataclass
@@ -163,8 +152,7 @@ class ChatEngine:
         text, cut = cut_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), stops)
         # A row without a stop token ran to max_new_tokens (rows that ended are padded after it).
         completion = Completion(text.strip(), len(prompt), len(kept), "stop" if ended or cut else "length")
-        # U+FFFD: the first bytes of a character whose last token is still to come; it waits for them.
-        return completion, ended or cut or len(new) >= budget, text.rstrip("\ufffd")
+        return completion, ended or cut or len(new) >= budget, text
 
     def complete_prompts(
         self,
@@ -215,10 +203,12 @@ class ChatEngine:
                     completion, finished, shown = self._row_state(
                         row.prompt, input_ids[i, width:].tolist(), budgets[i], stops[i]
                     )
+                    if row.on_text is not None and not cancelled:
+                        # U+FFFD at the end: the first bytes of a character whose last token is still to
+                        # come; until the row is finished it waits for them.
+                        row.on_text(shown if finished else shown.rstrip("\ufffd"))
                     if finished or cancelled:
                         finish(i, completion)
-                    elif row.on_text is not None:
-                        row.on_text(shown)
             flags = [i in done for i in range(len(rows))]
             return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
@@ -231,7 +221,10 @@ class ChatEngine:
         new = out[:, width:].tolist()
         for i, row in enumerate(rows):
             if i not in done:  # generate() ended first (max_new_tokens)
-                finish(i, self._row_state(row.prompt, new[i], budgets[i], stops[i])[0])
+                completion, _, shown = self._row_state(row.prompt, new[i], budgets[i], stops[i])
+                if row.on_text is not None:
+                    row.on_text(shown)
+                finish(i, completion)
         return [done[i] for i in range(len(rows))]
 
     def batch_chat(
@@ -261,49 +254,30 @@ class ChatEngine:
         return self.stream_prompt(self.prompt_ids(query, history, system), **overrides)
 
     def stream_prompt(self, prompt: list[int], **overrides) -> Generator[str, None, Completion]:
-        """`stream_chat` for a prompt given as ids."""
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-        batch = self._batch([prompt])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = threading.Event()
-        kwargs = {
-            **batch,
-            **self._generate_kwargs(overrides),
-            "streamer": streamer,
-            "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)]),
-        }
-        outputs: list[torch.Tensor] = []
-        errors: list[BaseException] = []
+        """`stream_chat` for a prompt given as ids: its row of `generate_rows`, run in a thread."""
+        updates: queue.SimpleQueue = queue.SimpleQueue()
+        gone = threading.Event()
+        row = Row(prompt, on_text=updates.put, on_done=updates.put, cancelled=gone.is_set)
 
         def run() -> None:
             try:
-                with self._lock, torch.inference_mode():
-                    if cancel.is_set():  # the consumer left while another request held the model
-                        streamer.end()
-                        return
-                    outputs.append(self.model.generate(**kwargs))
-            except BaseException as err:  # re-raised in the caller's thread below
-                errors.append(err)
-                streamer.end()
+                self.generate_rows([row], **overrides)
+            except BaseException as err:  # re-raised in the consumer's thread below
+                updates.put(err)
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        stops = overrides.get("stop") or self.generation.stop
-        longest_stop = max((len(s) for s in stops), default=0)
-        text, shown, stopped = "", "", False
+        shown = None
         try:
-            for piece in streamer:
-                unsettled = max(0, len(text) - longest_stop + 1)  # earlier text held no stop string
-                text += piece
-                shown, stopped = cut_at_stop(text, stops, unsettled)
-                yield shown
-                if stopped:
-                    break
+            while True:
+                update = updates.get()
+                if isinstance(update, BaseException):
+                    raise update
+                if isinstance(update, Completion):
+                    return update
+                if update != shown:
+                    shown = update
+                    yield shown
         finally:
-            cancel.set()  # a stop string was hit or the consumer closed us: generate() need not go on
+            gone.set()  # the consumer closed us: generate() need not go on
             thread.join()
-        if errors:
-            raise errors[0]
-        kept, ended = self._until_stop_token(outputs[0][0, batch["input_ids"].shape[1] :].tolist())
-        return Completion(shown.strip(), len(prompt), len(kept), "stop" if ended or stopped else "length")
