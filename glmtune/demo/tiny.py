@@ -75,9 +75,15 @@ def build_tiny_chatglm2(folder: str | Path, args: TinyModelArgs) -> Path:
             torch.random.set_rng_state(generator_state)
         model.glmtune_family = "chatglm2"
         save_model(model, tmp)
+        if (folder / "config.json").is_file():
+            return folder  # another process built the same model meanwhile (same seed): theirs stays
         if folder.exists():
             shutil.rmtree(folder)
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # not a build that finished first
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

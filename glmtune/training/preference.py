@@ -10,7 +10,7 @@ copy of the model as it was before training.
 DPO (Rafailov et al. 2023), with the margin h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)):
 sigmoid loss -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h) (eps: label smoothing, conservative
 DPO), IPO (Azar et al. 2023) (h - 1 / (2 beta))^2 on log-probabilities averaged over each answer's tokens.
-The implicit rewards are beta (log pi(y) - log pi_ref(y)).
+The implicit rewards are beta (log pi(y) - log pi_ref(y)), on summed log-probabilities for every loss.
 """
 
 from __future__ import annotations
@@ -63,8 +63,12 @@ def dpo_loss(
     reference_chosen: torch.Tensor,
     reference_rejected: torch.Tensor,
     args: DpoArgs,
+    summed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> PreferenceTerms:
-    """The DPO (or IPO) loss of each pair from the sequences' log-probabilities (see the module docstring)."""
+    """The DPO (or IPO) loss of each pair from the sequences' log-probabilities (see the module docstring).
+
+    `summed`: the same four log-probabilities summed over the answers' tokens, when the loss is given averaged
+    ones (IPO): the implicit rewards are always beta times the summed log-ratio."""
     chosen = policy_chosen - reference_chosen
     rejected = policy_rejected - reference_rejected
     margin = chosen - rejected
@@ -73,6 +77,8 @@ def dpo_loss(
     else:
         eps = args.label_smoothing
         losses = -F.logsigmoid(args.beta * margin) * (1 - eps) - F.logsigmoid(-args.beta * margin) * eps
+    if summed is not None:
+        chosen, rejected = summed[0] - summed[2], summed[1] - summed[3]
     return PreferenceTerms(losses, args.beta * chosen.detach(), args.beta * rejected.detach())
 
 
@@ -137,10 +143,9 @@ class DPOModule(CausalLMModule):
     def _answer_log_probs(
         self, hidden_states: torch.Tensor, labels: torch.Tensor, model: nn.Module | None = None
     ) -> torch.Tensor:
+        """Each answer's log-probability: the sum over its tokens."""
         head = (model or self.model).get_output_embeddings()
-        total, count = sequence_log_probs(hidden_states, head, labels)
-        # IPO compares log-probabilities averaged over the answer's tokens, DPO their sums.
-        return total / count.clamp(min=1) if self.dpo.loss == "ipo" else total
+        return sequence_log_probs(hidden_states, head, labels)[0]
 
     def reference_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The answers' log-probabilities under the reference model."""
@@ -154,7 +159,16 @@ class DPOModule(CausalLMModule):
         policy = self._answer_log_probs(outputs.hidden_states[-1], batch["labels"])
         reference = self.reference_log_probs(batch)
         pairs = policy.shape[0] // 2
-        terms = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.dpo)
+        both = (policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:])
+        if self.dpo.loss == "ipo":
+            # IPO compares log-probabilities averaged over each answer's tokens; the rewards stay beta times the
+            # summed log-ratio, as for DPO (and as TRL reports them).
+            count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1).to(policy.device)
+            mean = (policy / count, reference / count)
+            averaged = (mean[0][:pairs], mean[0][pairs:], mean[1][:pairs], mean[1][pairs:])
+            terms = dpo_loss(*averaged, self.dpo, summed=both)
+        else:
+            terms = dpo_loss(*both, self.dpo)
         self._log_terms(terms, policy.detach(), pairs)
         return terms.losses.mean()
 
