@@ -116,12 +116,15 @@ def test_chatglm3_tool_call_round_trip_through_the_openai_client(tok3, golden):
     assert expected[: len(golden["user_prompt_ids"])] == golden["user_prompt_ids"]
 
 
-def test_an_answer_that_is_not_a_literal_call_is_text_and_is_never_run(tok3, tmp_path):
+def test_an_answer_that_is_not_a_literal_call_is_text_and_is_never_run(tok3, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a short path in the answer, well inside the default answer budget
     marker = tmp_path / "ran"
-    hostile = f"```python\ntool_call(symbol=__import__('pathlib').Path({str(marker)!r}).touch())\n```"
+    hostile = "```python\ntool_call(symbol=__import__('pathlib').Path('ran').touch())\n```"
     client, _ = serve(tok3, "chatglm3", [chatglm3_answer(tok3, "track", hostile, "<|observation|>")])
     tools = [as_openai_tool({"name": "track", "parameters": {}})]
-    got = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], tools=tools)
+    got = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}], tools=tools, max_tokens=200
+    )
     assert got.choices[0].finish_reason == "stop" and got.choices[0].message.tool_calls is None
     assert "tool_call(" in got.choices[0].message.content
     assert not marker.exists()
