@@ -37,6 +37,7 @@ setup(
         "bench": ["datasets>=3.0"],
         "dev": [
             "pytest",
+            "pytest-xdist",
             "ruff",
             "lion-pytorch",
             "tensorboard",
