@@ -96,3 +96,40 @@ def test_eval_generate_is_refused_for_a_reward_model(tiny_chatglm2, tiny_data, t
     cfg.stage, cfg.train.eval_generate = "reward", 2
     with pytest.raises(ConfigError, match="train.eval_generate=2 is not supported with stage: reward"):
         check_config(cfg)
+
+
+def test_ipo_scores_averaged_log_probs_and_rewards_summed_ones(tiny_chatglm2, tiny_data, tmp_path):
+    """DPOModule with the IPO loss: the loss reads log-probs averaged over each answer's tokens, the logged
+    rewards beta times the summed log-ratio (as for DPO, and as TRL reports them)."""
+    from glmtune.models.loading import load_model
+    from glmtune.training.methods import apply_method
+    from glmtune.training.preference import dpo_loss
+
+    cfg = make_cfg(tiny_chatglm2, tiny_data, tmp_path / "run")
+    policy = apply_method(load_model(tiny_chatglm2), cfg, 10).eval()
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    seen = []
+
+    class Recording(DPOModule):
+        def _log_terms(self, terms, policy_logps, pairs):
+            seen.append(terms)
+
+    args = DpoArgs(beta=0.2, loss="ipo")
+    module = Recording(policy, cfg.train, 10, dpo=args)
+    batch = pair_batch()
+    with torch.no_grad():
+        outputs = policy(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        )
+        loss = module.loss(batch, outputs)
+    summed_policy = answer_log_probs(policy, batch)
+    summed_reference = module.reference_log_probs(batch)
+    count = (batch["labels"][:, 1:] != -100).sum(1)
+    mean_p, mean_r = summed_policy / count, summed_reference / count
+    expected = dpo_loss(mean_p[:1], mean_p[1:], mean_r[:1], mean_r[1:], args)
+    torch.testing.assert_close(loss, expected.losses.mean())
+    torch.testing.assert_close(seen[0].chosen_rewards, 0.2 * (summed_policy[:1] - summed_reference[:1]))
+    torch.testing.assert_close(seen[0].rejected_rewards, 0.2 * (summed_policy[1:] - summed_reference[1:]))
