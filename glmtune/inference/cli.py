@@ -99,6 +99,11 @@ def check_inference_flags(ns) -> None:
             raise ConfigError(f"--{ignored[0]} applies to --predict only: add --predict FILE, or drop it")
     elif ns.stream:
         raise ConfigError("--stream applies to the terminal chat, not --predict")
+    if ns.stream and ns.generation.num_beams > 1:
+        raise ConfigError(
+            f"--stream needs generation.num_beams 1 (beam search picks its answer at the end; got "
+            f"{ns.generation.num_beams})"
+        )
     for flag in ("limit", "batch_size"):
         value = ns.get(flag)
         if value is not None and value < 1:

@@ -214,10 +214,17 @@ class ChatEngine:
 
         from transformers import StoppingCriteriaList
 
+        criteria = [finished_rows]
+        if kwargs["num_beams"] > 1:
+            # Beam search keeps several hypotheses per row and picks one at the end: there is no row's text
+            # to follow token by token, so rows are cut only once generate() returns.
+            if any(row.on_text is not None for row in rows):
+                raise ValueError(
+                    "streaming needs generation.num_beams 1 (beam search picks its answer at the end)"
+                )
+            criteria = []
         with self._lock:
-            out = self.model.generate(
-                **batch, **kwargs, stopping_criteria=StoppingCriteriaList([finished_rows])
-            )
+            out = self.model.generate(**batch, **kwargs, stopping_criteria=StoppingCriteriaList(criteria))
         new = out[:, width:].tolist()
         for i, row in enumerate(rows):
             if i not in done:  # generate() ended first (max_new_tokens)

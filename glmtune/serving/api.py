@@ -319,6 +319,12 @@ def add_openai_chat_route(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = SSEStream(engine, model_name, completion_id, include_usage)
         if body.stream and tools is None:
+            if engine.generation.num_beams > 1:
+                raise RequestError(
+                    "stream: this server uses beam search (generation.num_beams > 1), which picks its answer "
+                    "at the end; ask without stream",
+                    param="stream",
+                )
             return stream.response(gate, stream.events(batcher, prompt, overrides))
         completion = await batcher.complete(prompt, overrides)
         if tools is None:

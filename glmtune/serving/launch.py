@@ -249,6 +249,10 @@ def main(description: str, argv: list[str] | None = None) -> int:
     reward = reward_artifact(cfg, ns.checkpoint) if ns.checkpoint is not None else None
     if reward is not None and ns.ui:
         raise ConfigError(f"--ui: {reward} is a reward model, which scores answers and has no chat page")
+    if ns.ui and cfg.generation.num_beams > 1:
+        raise ConfigError(
+            "--ui streams its answers, which needs generation.num_beams 1 (beam search picks at the end)"
+        )
     if ns.ui:
         gradio_module()
     if reward is not None:

@@ -105,6 +105,7 @@ CASES = [
     ("infer_finetuning.py", ["--limit", "3"], "--limit applies to --predict only"),
     ("infer.py", ["--predict", DATA, "--batch_size", "0"], "--batch_size 0: must be at least 1"),
     ("infer.py", ["--predict", DATA, "--stream"], "--stream applies to the terminal chat"),
+    ("infer.py", ["--stream", "--generation.num_beams", "2"], "--stream needs generation.num_beams 1"),
     ("infer.py", ["--device", "gpu0"], "--device gpu0: not a device"),
     (
         "infer_lora_finetuning.py",

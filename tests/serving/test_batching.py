@@ -160,3 +160,25 @@ def test_a_streaming_row_hears_its_text_grow_to_its_answer(engine):
     assert answers[0] == engine.complete_prompts([prompts[0]], max_new_tokens=12)[0]
     assert len(shown) >= 6 and all(b.startswith(a) for a, b in zip(shown, shown[1:]))
     assert answers[0].text.startswith(shown[-1].strip())
+
+
+def test_beam_search_rows_are_cut_after_generate_and_streams_are_refused(engine):
+    """Beam search has no row text to follow token by token: whole answers still come back (each its solo
+    answer), a stream is a clear error."""
+    prompts = [engine.prompt_ids("你好"), engine.prompt_ids("讲个故事")]
+    solo = [engine.complete_prompts([p], max_new_tokens=6, num_beams=2)[0] for p in prompts]
+    assert engine.complete_prompts(prompts, row_budgets=[6, 6], num_beams=2)[0].text == solo[0].text
+    with pytest.raises(ValueError, match="streaming needs generation.num_beams 1"):
+        engine.generate_rows([Row(prompts[0], 4, on_text=print)], num_beams=2)
+
+
+def test_a_stream_on_a_beam_search_server_is_a_400(engine, monkeypatch):
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setattr(engine, "generation", dataclasses.replace(engine.generation, num_beams=2))
+    api = TestClient(create_app(engine), raise_server_exceptions=False)
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4}
+    assert api.post("/v1/chat/completions", json={**body, "stream": True}).status_code == 400
+    assert api.post("/v1/chat/completions", json=body).status_code == 200

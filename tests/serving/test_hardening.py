@@ -214,6 +214,10 @@ def test_non_loopback_without_a_key_needs_no_auth():
         (["--api_key", ""], "--api_key: the API key is empty"),
         (["--max_queue", "0"], "must be positive"),
         (["--max_batch_size", "0"], "must be positive"),
+        (
+            ["--ui", "--generation.num_beams", "2"],
+            "--ui streams its answers, which needs generation.num_beams 1",
+        ),
     ],
 )
 def test_infer_api_refuses_unsafe_settings_before_loading(argv, expected, capsys, monkeypatch):
