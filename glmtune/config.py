@@ -406,7 +406,7 @@ class GenerationArgs:
         top_p: nucleus sampling mass.
         top_k: sample among the k most likely tokens.
         repetition_penalty: >1 discourages repeats.
-        num_beams: beam search width (1 = off).
+        num_beams: beam search width (1 = off; streamed answers need 1: beam search picks its answer at the end).
         stop: strings that end the answer (not included in it).
     """
 
