@@ -46,6 +46,7 @@ from glmtune.serving.schemas import (
     ModelCard,
     ModelList,
     Usage,
+    leading_system,
 )
 from glmtune.serving.score import add_score_route
 from glmtune.serving.tool_calls import ToolConversation, tool_conversation, uses_tools
@@ -84,14 +85,8 @@ def _validation_message(errors: Sequence[Any], content_type: str) -> str:
 def conversation(messages: Sequence[ChatMessage]) -> tuple[str, list[tuple[str, str]], str | None]:
     """OpenAI messages as (query, history pairs, system): system messages first, then user and assistant
     messages alternating, starting and ending with the user."""
-    system_parts: list[str] = []
-    start = 0
-    while start < len(messages) and messages[start].role in ("system", "developer"):
-        system_parts.append(messages[start].text)
-        start += 1
+    system, start = leading_system(messages)
     turns = messages[start:]
-    if not turns:
-        raise RequestError("messages: there is no user message (only system messages)", param="messages")
     for offset, message in enumerate(turns):
         expected = "user" if offset % 2 == 0 else "assistant"
         if message.role != expected:
@@ -105,7 +100,7 @@ def conversation(messages: Sequence[ChatMessage]) -> tuple[str, list[tuple[str, 
             f"messages: the last message must come from the user, not the {turns[-1].role}", param="messages"
         )
     history = [(turns[i].text, turns[i + 1].text) for i in range(0, len(turns) - 1, 2)]
-    return turns[-1].text, history, "\n".join(system_parts) or None
+    return turns[-1].text, history, system
 
 
 def sampling(temperature: float | None, top_p: float | None) -> dict[str, Any]:

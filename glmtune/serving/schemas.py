@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from glmtune.serving.limits import RequestError
+
 # Bounds that keep the per-token stop-string check cheap, as OpenAI's API sets them (it allows 4 stops).
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
@@ -95,6 +97,17 @@ class ChatMessage(BaseModel):
         if self.content is None:
             return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+def leading_system(messages: list[ChatMessage]) -> tuple[str | None, int]:
+    """The system (and developer) messages a conversation starts with, joined into one system prompt, and the
+    index of the first message after them; a 400 when nothing follows them."""
+    start = 0
+    while start < len(messages) and messages[start].role in ("system", "developer"):
+        start += 1
+    if start == len(messages):
+        raise RequestError("messages: there is no user message (only system messages)", param="messages")
+    return "\n".join(m.text for m in messages[:start]) or None, start
 
 
 class FunctionDefinition(BaseModel):

@@ -27,6 +27,7 @@ from glmtune.serving.schemas import (
     FunctionCall,
     NamedToolChoice,
     ToolCall,
+    leading_system,
 )
 from glmtune.tokenizers.tool_prompts import (
     call_opening_ids,
@@ -85,12 +86,7 @@ def published_messages(
     tokenizer: Any, messages: Sequence[ChatMessage], tools: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """OpenAI messages as the published chat messages (roles system, user, assistant, observation)."""
-    start = 0
-    systems: list[str] = []
-    while start < len(messages) and messages[start].role in ("system", "developer"):
-        systems.append(messages[start].text)
-        start += 1
-    system = "\n".join(systems) or None
+    system, start = leading_system(messages)
     if tools:
         out = [tools_system_message(tokenizer, tools, system)]
     else:
@@ -109,8 +105,6 @@ def published_messages(
                 out.append(tool_call_message(tokenizer, call.function.name, arguments))
         else:
             out.append({"role": "user", "content": message.text})
-    if not messages[start:]:
-        raise RequestError("messages: there is no user message (only system messages)", param="messages")
     if messages[-1].role not in ("user", "tool"):
         raise RequestError(
             f"messages: the last message must come from the user or a tool, not the {messages[-1].role}",

@@ -301,6 +301,14 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
         role_tokens = [self.get_command(f"<|{role}|>")] + self.sp_model.encode(f"{metadata}\n")
         return role_tokens + self.sp_model.encode(message)
 
+    def build_message(self, message: Mapping[str, Any]) -> list[int]:
+        """One published message (`{"role", "content", "metadata"?, "tools"?}`) as `build_chat_input` writes it
+        in a history: a system message's tools follow its content as indented JSON."""
+        content = message["content"]
+        if message["role"] == "system" and message.get("tools") is not None:
+            content = content + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
+        return self.build_single_message(message["role"], message.get("metadata") or "", content)
+
     def build_chat_ids(
         self,
         query: str,
@@ -315,10 +323,7 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
         ids: list[int] = []
         for item in history or []:
             if isinstance(item, Mapping):
-                content = item["content"]
-                if item["role"] == "system" and "tools" in item:
-                    content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
-                ids += self.build_single_message(item["role"], item.get("metadata", ""), content)
+                ids += self.build_message(item)
             else:
                 old_query, response = item
                 ids += self.build_single_message("user", "", old_query)

@@ -116,7 +116,7 @@ def answer_text(tokenizer: PreTrainedTokenizerBase, answer: str, tool_names: Seq
 def message_ids(tokenizer: PreTrainedTokenizerBase, message: Message) -> list[int]:
     """One message's ids in the tokenizer's family's chat format (no `[gMASK] sop`)."""
     if is_chatglm3(tokenizer):
-        return chatglm3_message_ids(tokenizer, message)
+        return tokenizer.build_message(message)
     return chat_template_message_ids(tokenizer, message)
 
 
@@ -127,14 +127,6 @@ def messages_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
     for message in messages:
         ids += message_ids(tokenizer, message)
     return ids + [tokenizer.convert_tokens_to_ids("<|assistant|>")]
-
-
-def chatglm3_message_ids(tokenizer: Any, message: Message) -> list[int]:
-    """One ChatGLM3 message as the published tokenizer's `build_chat_input` writes it in a history."""
-    content = message["content"]
-    if message["role"] == "system" and message.get("tools") is not None:
-        content = content + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
-    return tokenizer.build_single_message(message["role"], message.get("metadata") or "", content)
 
 
 def chat_template_message_ids(tokenizer: PreTrainedTokenizerBase, message: Message) -> list[int]:

@@ -36,7 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_spec(tmp_path: Path, model: Path, data: dict, method: str, **train) -> Path:
+def write_spec(
+    tmp_path: Path, model: Path, data: dict, method: str, extra: dict | None = None, **train
+) -> Path:
+    """The worker's spec: `train` keys go to the config's train section, `extra` into the spec itself."""
     spec = {
         "model": str(model),
         "data": {k: str(v) for k, v in data.items()},
@@ -44,6 +47,7 @@ def write_spec(tmp_path: Path, model: Path, data: dict, method: str, **train) ->
         "method": method,
         "records": str(tmp_path / "records"),
         "train": {"max_steps": 3, "batch_size": 2, **train},
+        **(extra or {}),
     }
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
@@ -54,6 +58,20 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **extra)
     return env
+
+
+def run_ddp_worker(spec: Path) -> None:
+    """One `ddp_worker.py` launch on this machine; Lightning starts the other local ranks from it."""
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    done = subprocess.run(
+        [sys.executable, str(WORKER), str(spec)],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def assert_same_weights_on_ranks(run_dir: Path, world: int, skipped: int = 0) -> None:
@@ -75,22 +93,11 @@ def assert_same_weights_on_ranks(run_dir: Path, world: int, skipped: int = 0) ->
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "ptv2"])
 def test_ddp_two_processes_end_with_identical_weights(method, tiny_chatglm2, tiny_data, tmp_path):
-    spec = write_spec(tmp_path, tiny_chatglm2, tiny_data, method, strategy="ddp", devices=2)
-    if method == "lora":
-        # An Inf loss on rank 1 only: both ranks must skip that micro-batch together (no hang, same weights).
-        content = json.loads(spec.read_text())
-        content["inf_at"] = [1, 1]
-        spec.write_text(json.dumps(content))
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    done = subprocess.run(
-        [sys.executable, str(WORKER), str(spec)],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # With LoRA, an Inf loss on rank 1 only: both ranks must skip that micro-batch together (no hang, same
+    # weights).
+    extra = {"inf_at": [1, 1]} if method == "lora" else None
+    spec = write_spec(tmp_path, tiny_chatglm2, tiny_data, method, extra, strategy="ddp", devices=2)
+    run_ddp_worker(spec)
     assert_same_weights_on_ranks(tmp_path / "run", 2, skipped=1 if method == "lora" else 0)
     assert (
         tmp_path
@@ -107,20 +114,8 @@ def test_ddp_dpo_with_a_frozen_reference_copy_ends_with_identical_weights(tiny_c
         "train": REPO_ROOT / "data" / "samples" / "preference_train.jsonl",
         "dev": REPO_ROOT / "data" / "samples" / "preference_dev.jsonl",
     }
-    spec = write_spec(tmp_path, tiny_chatglm2, pairs, "freeze", strategy="ddp", devices=2)
-    content = json.loads(spec.read_text())
-    content["stage"] = "dpo"
-    spec.write_text(json.dumps(content))
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    done = subprocess.run(
-        [sys.executable, str(WORKER), str(spec)],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    spec = write_spec(tmp_path, tiny_chatglm2, pairs, "freeze", {"stage": "dpo"}, strategy="ddp", devices=2)
+    run_ddp_worker(spec)
     assert_same_weights_on_ranks(tmp_path / "run", 2)
     metrics = json.loads((tmp_path / "run" / "final" / "metrics.json").read_text())
     assert "train_reward_accuracy" in metrics
