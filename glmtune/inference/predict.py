@@ -73,6 +73,20 @@ def check_predict_paths(file: str | Path, out: str | Path | None = None) -> None
         raise ConfigError(f"--out {out}: a folder; name the file to write the predictions (JSON lines) to")
 
 
+def write_results(out: Path, rows: list[dict], summary: dict) -> Path:
+    """The rows to OUT (JSON lines, written whole or not at all) and the summary to OUT with suffix
+    .metrics.json, which is returned."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    metrics_file = out.with_suffix(".metrics.json")
+    metrics_file.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return metrics_file
+
+
 def history_lists(result: dict) -> dict:
     """The history as JSON lists ([query, answer]), where the item has one."""
     return {"history": [list(h) for h in result["history"]]} if "history" in result else {}
@@ -126,15 +140,7 @@ def predict(
                 )
     summary = score(results)
     if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for r in results:
-                f.write(json.dumps({**r, **history_lists(r)}, ensure_ascii=False) + "\n")
-        tmp.replace(out)
-        metrics_file = out.with_suffix(".metrics.json")
-        metrics_file.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        metrics_file = write_results(Path(out), [{**r, **history_lists(r)} for r in results], summary)
     if show:
         if "metrics_missing" in summary:
             print(

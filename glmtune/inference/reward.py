@@ -12,7 +12,6 @@ end token, shortened as the run's `data.max_seq_length` shortened pairs (prompt 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from glmtune.data.samples import answer_header_length
 from glmtune.data.settings import LengthSettings
 from glmtune.inference.artifacts import artifact_folder, load_artifact, read_run_config
 from glmtune.inference.engine import History
-from glmtune.inference.predict import check_predict_paths
+from glmtune.inference.predict import check_predict_paths, write_results
 from glmtune.models.value_head import RewardModel, hidden_size, load_value_head
 
 REWARD_STAGE = "reward"
@@ -195,24 +194,13 @@ def predict_pairs(
         "reward_margin": sum(r["chosen_reward"] - r["rejected_reward"] for r in rows) / len(rows),
     }
     if out:
-        _write(Path(out), rows, summary)
+        write_results(Path(out), rows, summary)
     if show:
         if out:
             print(f"scored pairs written to {out}, summary to {Path(out).with_suffix('.metrics.json')}")
         print(f"reward margin: {summary['reward_margin']:.4f}")
         print(f"reward accuracy: {right}/{len(rows)}", flush=True)
     return summary
-
-
-def _write(out: Path, rows: list[dict], summary: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)
-    text = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
-    out.with_suffix(".metrics.json").write_text(text, encoding="utf-8")
 
 
 def score_main(cfg: TaskConfig, folder: Path, ns: Any) -> int:
